@@ -1,0 +1,302 @@
+"""Motion VQ-VAE tokenizer (official `stage1_BIWI.VQAutoEncoder`, quant_factor 0) with padding masks.
+
+Behaviour on valid frames matches the official model; padding never leaks:
+  * instance-norm statistics are taken over valid frames only,
+  * attention masks padded keys,
+  * the k=5 replicate-padded convolution repeats the last *valid* frame,
+so a padded batch tokenizes exactly as each sequence alone (tests/test_vqvae.py).
+
+Kept from the official code for checkpoint parity: attention scaled by
+`hidden_size**-0.5` (not per-head width), LayerNorm eps 1e-5 with bias, tanh-approximate
+GELU (the official `base_model_util.gelu`), no final norm after the transformer stacks.
+Deliberate difference: sinusoidal positions are indexed by time by default; the official
+`PositionalEncoding` indexes its table by the *batch* position (`pe[:x.size(0)]` on a
+batch-first tensor), available as `positional_encoding="official_batch_index"`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+POSITIONAL_ENCODINGS = ("time", "official_batch_index", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class VQConfig:
+  """Static model configuration (built from the run config's `model` block)."""
+  in_dim: int = 56
+  hidden_size: int = 384
+  num_layers: int = 6
+  num_heads: int = 8
+  mlp_dim: int = 1536
+  codebook_size: int = 512
+  code_dim: int = 128
+  beta: float = 0.25
+  leaky_slope: float = 0.2
+  dropout_rate: float = 0.1
+  positional_encoding: str = "time"
+  max_len: int = 5000
+  dtype: Any = jnp.float32  # compute dtype of matmuls; parameters stay float32.
+
+  def __post_init__(self):
+    if self.positional_encoding not in POSITIONAL_ENCODINGS:
+      raise ValueError(
+          f"model.positional_encoding={self.positional_encoding!r}; expected one of "
+          f"{POSITIONAL_ENCODINGS}")
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"model.hidden_size={self.hidden_size} is not divisible by "
+                       f"model.num_heads={self.num_heads}")
+
+
+def sinusoid_table(max_len: int, dim: int) -> np.ndarray:
+  """The official sinusoidal table: [max_len, dim], sin on even, cos on odd channels."""
+  position = np.arange(max_len, dtype=np.float32)[:, None]
+  div_term = np.exp(np.arange(0, dim, 2, dtype=np.float32) * (-math.log(10000.0) / dim))
+  table = np.zeros((max_len, dim), np.float32)
+  table[:, 0::2] = np.sin(position * div_term)
+  table[:, 1::2] = np.cos(position * div_term)
+  return table
+
+
+def masked_instance_norm(x: Array, mask: Array, eps: float = 1e-5) -> Array:
+  """InstanceNorm1d (no affine) over valid frames. x: [B, T, C], mask: [B, T] bool."""
+  weights = mask[..., None].astype(jnp.float32)
+  count = jnp.maximum(weights.sum(axis=1, keepdims=True), 1.0)
+  x32 = x.astype(jnp.float32)
+  mean = (x32 * weights).sum(axis=1, keepdims=True) / count
+  # Biased variance, as torch's InstanceNorm.
+  var = (jnp.square(x32 - mean) * weights).sum(axis=1, keepdims=True) / count
+  return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def replicate_pad(x: Array, lengths: Array, pad: int) -> Array:
+  """Pads time by `pad` each side, repeating the first and the last *valid* frame.
+
+  Frames past a sequence's length are replaced by its last valid frame too, so a
+  convolution at a valid position never sees padding. x: [B, T, C] -> [B, T+2*pad, C].
+  """
+  time = x.shape[1]
+  index = jnp.arange(-pad, time + pad)[None, :]
+  index = jnp.clip(index, 0, jnp.maximum(lengths[:, None] - 1, 0))
+  return jnp.take_along_axis(x, index[..., None], axis=1)
+
+
+class ConvBlock(nn.Module):
+  """Conv1d(k5, replicate padding) -> LeakyReLU -> InstanceNorm (official `squasher`/`expander`)."""
+  features: int
+  leaky_slope: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array) -> Array:
+    lengths = mask.sum(axis=1)
+    x = replicate_pad(x, lengths, pad=2)
+    x = nn.Conv(self.features, kernel_size=(5,), padding="VALID", dtype=self.dtype,
+                name="conv")(x)
+    x = nn.leaky_relu(x, self.leaky_slope)
+    return masked_instance_norm(x, mask)
+
+
+class SelfAttention(nn.Module):
+  """Official VQ `Attention`: fused qkv without bias, scale hidden_size**-0.5, biased output."""
+  hidden_size: int
+  num_heads: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array) -> Array:
+    batch, time, _ = x.shape
+    head_dim = self.hidden_size // self.num_heads
+    qkv = nn.Dense(3 * self.hidden_size, use_bias=False, dtype=self.dtype, name="to_qkv")(x)
+    # Official layout "b n (qkv h d)": q/k/v outermost, then heads.
+    qkv = qkv.reshape(batch, time, 3, self.num_heads, head_dim)
+    query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key,
+                        preferred_element_type=jnp.float32) * self.hidden_size**-0.5
+    logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, value.astype(self.dtype))
+    out = out.reshape(batch, time, self.hidden_size)
+    return nn.Dense(self.hidden_size, dtype=self.dtype, name="to_out")(out)
+
+
+class TransformerBlock(nn.Module):
+  """Pre-norm block: x + Attn(LN(x)); x + MLP(LN(x)) (official `Residual(Norm(...))`)."""
+  hidden_size: int
+  num_heads: int
+  mlp_dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array) -> Array:
+    y = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="attn_norm")(x)
+    x = x + SelfAttention(self.hidden_size, self.num_heads, self.dtype, name="attn")(y, mask)
+    y = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="mlp_norm")(x)
+    y = nn.Dense(self.mlp_dim, dtype=self.dtype, name="l1")(y)
+    y = nn.gelu(y, approximate=True)  # official base_model_util.gelu is the tanh form.
+    y = nn.Dense(self.hidden_size, dtype=self.dtype, name="l2")(y)
+    return x + y
+
+
+class Transformer(nn.Module):
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array) -> Array:
+    for i in range(self.num_layers):
+      x = TransformerBlock(self.hidden_size, self.num_heads, self.mlp_dim, self.dtype,
+                           name=f"block_{i}")(x, mask)
+    return x
+
+
+class PositionalEncoding(nn.Module):
+  """Adds the sinusoidal table (by time, or by batch position as officially) and dropout."""
+  config: VQConfig
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool) -> Array:
+    cfg = self.config
+    if cfg.positional_encoding != "none":
+      table = jnp.asarray(sinusoid_table(cfg.max_len, cfg.hidden_size))
+      if cfg.positional_encoding == "time":
+        if x.shape[1] > cfg.max_len:
+          raise ValueError(f"sequence of {x.shape[1]} frames exceeds model.max_len={cfg.max_len}")
+        x = x + table[None, : x.shape[1]].astype(x.dtype)
+      else:
+        x = x + table[: x.shape[0], None].astype(x.dtype)
+    return nn.Dropout(cfg.dropout_rate, deterministic=not train)(x)
+
+
+class MotionEncoder(nn.Module):
+  """Official `TransformerEncoder`: motion [B, T, in_dim] -> latents [B, T, code_dim]."""
+  config: VQConfig
+
+  @nn.compact
+  def __call__(self, motion: Array, mask: Array, *, train: bool) -> Array:
+    cfg = self.config
+    x = nn.Dense(cfg.hidden_size, dtype=cfg.dtype, name="vertice_mapping")(motion)
+    x = nn.leaky_relu(x, cfg.leaky_slope)
+    x = ConvBlock(cfg.hidden_size, cfg.leaky_slope, cfg.dtype, name="squasher")(x, mask)
+    x = nn.Dense(cfg.hidden_size, dtype=cfg.dtype, name="linear_embedding")(x)
+    x = PositionalEncoding(cfg, name="pos")(x, train=train)
+    x = Transformer(cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.mlp_dim, cfg.dtype,
+                    name="transformer")(x, mask)
+    return nn.Dense(cfg.code_dim, dtype=cfg.dtype, name="linear_embedding_post")(x)
+
+
+class MotionDecoder(nn.Module):
+  """Official `TransformerDecoder`: latents [B, T, code_dim] -> motion [B, T, out_dim]."""
+  config: VQConfig
+  out_dim: int
+
+  @nn.compact
+  def __call__(self, latents: Array, mask: Array, *, train: bool) -> Array:
+    cfg = self.config
+    x = nn.Dense(cfg.hidden_size, dtype=cfg.dtype, name="linear_embedding_pre")(latents)
+    x = ConvBlock(cfg.hidden_size, cfg.leaky_slope, cfg.dtype, name="expander")(x, mask)
+    x = nn.Dense(cfg.hidden_size, dtype=cfg.dtype, name="linear_embedding")(x)
+    x = PositionalEncoding(cfg, name="pos")(x, train=train)
+    x = Transformer(cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.mlp_dim, cfg.dtype,
+                    name="transformer")(x, mask)
+    return nn.Dense(self.out_dim, use_bias=False, dtype=cfg.dtype, name="vertice_map_reverse")(x)
+
+
+class VectorQuantizer(nn.Module):
+  """Nearest-codeword quantizer with straight-through gradient and the official loss.
+
+  loss = beta * mean((sg[z_q] - z)^2) + mean((z_q - sg[z])^2), means over valid frames.
+  """
+  codebook_size: int
+  code_dim: int
+  beta: float
+
+  @nn.compact
+  def __call__(self, latents: Array, mask: Array) -> dict[str, Array]:
+    # Official init: uniform(-1/K, 1/K).
+    codebook = self.param("codebook", _uniform_init(self.codebook_size),
+                          (self.codebook_size, self.code_dim))
+    latents = latents.astype(jnp.float32)
+    distances = (jnp.sum(latents**2, axis=-1, keepdims=True) + jnp.sum(codebook**2, axis=-1)
+                 - 2.0 * jnp.einsum("btd,kd->btk", latents, codebook))
+    tokens = jnp.argmin(distances, axis=-1).astype(jnp.int32)
+    quantized = codebook[tokens]
+    valid = mask[..., None].astype(jnp.float32)
+    denom = jnp.maximum(valid.sum() * self.code_dim, 1.0)
+    commit = jnp.sum(jnp.square(jax.lax.stop_gradient(quantized) - latents) * valid) / denom
+    codebook_loss = jnp.sum(jnp.square(quantized - jax.lax.stop_gradient(latents)) * valid) / denom
+    straight_through = latents + jax.lax.stop_gradient(quantized - latents)
+    one_hot = jax.nn.one_hot(tokens, self.codebook_size) * valid
+    usage = one_hot.sum(axis=(0, 1))
+    probs = usage / jnp.maximum(usage.sum(), 1.0)
+    perplexity = jnp.exp(-jnp.sum(probs * jnp.log(probs + 1e-10)))
+    return dict(quantized=straight_through, tokens=tokens,
+                quant_loss=self.beta * commit + codebook_loss,
+                perplexity=perplexity, code_counts=usage)
+
+  def lookup(self, tokens: Array) -> Array:
+    return self.get_variable("params", "codebook")[tokens]
+
+
+def _uniform_init(codebook_size: int):
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -1.0 / codebook_size, 1.0 / codebook_size)
+  return init
+
+
+class VQVAE(nn.Module):
+  """Motion tokenizer: one token per frame (official quant_factor 0).
+
+  Methods (use with `model.apply(variables, ..., method=...)`):
+    __call__(motion, mask, train) -> dict(reconstruction, tokens, quant_loss, perplexity, ...)
+    encode(motion, mask, train) -> quantizer dict (tokens, quantized, quant_loss, ...)
+    decode_tokens(tokens, mask, train) -> motion [B, T, in_dim]
+  """
+  config: VQConfig
+
+  def setup(self):
+    cfg = self.config
+    self.encoder = MotionEncoder(cfg)
+    self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.code_dim, cfg.beta)
+    self.decoder = MotionDecoder(cfg, cfg.in_dim)
+
+  def encode(self, motion: Array, mask: Array, train: bool = False) -> dict[str, Array]:
+    latents = self.encoder(motion.astype(self.config.dtype), mask, train=train)
+    return self.quantizer(latents, mask)
+
+  def decode(self, quantized: Array, mask: Array, train: bool = False) -> Array:
+    out = self.decoder(quantized.astype(self.config.dtype), mask, train=train)
+    return jnp.where(mask[..., None], out.astype(jnp.float32), 0.0)
+
+  def decode_tokens(self, tokens: Array, mask: Array, train: bool = False) -> Array:
+    return self.decode(self.quantizer.lookup(tokens), mask, train=train)
+
+  def __call__(self, motion: Array, mask: Array, train: bool = False) -> dict[str, Array]:
+    quant = self.encode(motion, mask, train=train)
+    return dict(quant, reconstruction=self.decode(quant["quantized"], mask, train=train))
+
+
+def vq_config_from(model_config) -> VQConfig:
+  """Builds the static VQConfig from the run config's `model` ConfigDict."""
+  fields = {f.name for f in dataclasses.fields(VQConfig)}
+  values = {k: v for k, v in model_config.items() if k in fields}
+  unknown = set(model_config.keys()) - fields - {"name", "compute_dtype"}
+  if unknown:
+    raise ValueError(f"unknown model config fields for the VQ-VAE: {sorted(unknown)}")
+  dtype = model_config.get("compute_dtype", "float32")
+  if dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"model.compute_dtype={dtype!r}; expected 'float32' or 'bfloat16'")
+  values["dtype"] = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+  return VQConfig(**values)

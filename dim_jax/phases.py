@@ -1,0 +1,51 @@
+"""Phase dispatch: `config.phase` -> the trainer or tool that runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+
+from dim_jax.training import checkpointing, trainer, vq
+
+PHASES = ("vq",)
+
+
+def run(config, workdir: str) -> dict:
+  if config.phase not in PHASES:
+    raise ValueError(f"config.phase={config.phase!r} is not implemented; available: {PHASES}")
+  return run_vq(config, workdir)
+
+
+def run_vq(config, workdir: str) -> dict:
+  """Trains a tokenizer, then evaluates its best checkpoint on the test split."""
+  task = vq.VQTask.from_config(config)
+  result = trainer.train_and_evaluate(config, workdir, task)
+  mesh = result["mesh"]
+  params = result["state"]["params"]
+  best = result["best_step"]
+  if best is not None and best != result["step"]:
+    # Restore the best (by validation) params onto the training shardings.
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1 << 30,
+                                      save_every=1)
+    abstract = jax.eval_shape(lambda s: s, result["state"])
+    shardings = jax.tree.map(lambda x: x.sharding, result["state"])
+    params = ckpt.restore_state(best, checkpointing.abstract_with_shardings(abstract, shardings))["params"]
+    ckpt.close()
+  data_dir = trainer.ensure_data(config)
+  test_ds = trainer.make_split_dataset(config, data_dir, "test", train=False,
+                                       batch_size=int(config.train.eval_batch_size) // jax.process_count())
+  test = trainer.evaluate(task, params, test_ds, mesh, result["compiled_eval"])
+  report = dict(phase="vq", role=config.role, step=result["step"], best_step=best,
+                val=result["val"], test=test)
+  if jax.process_index() == 0:
+    write_json_atomic(os.path.join(workdir, "report.json"), report)
+  return report
+
+
+def write_json_atomic(path: str, payload: dict) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(payload, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)

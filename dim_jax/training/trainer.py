@@ -1,0 +1,287 @@
+"""The training spine shared by every phase: mesh, sharded state, jitted steps, loop, Orbax.
+
+Restore order (documented in every config):
+  1. the latest committed checkpoint in this workdir (exact resume: params, optimizer state,
+     step, rng and the data iterator position),
+  2. otherwise a fresh init (later phases graft earlier phases' params in `Task.init_params`).
+A workdir holding a checkpoint of a different model is refused with the differences listed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import signal
+from typing import Any, Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dim_jax import sharding as sharding_lib
+from dim_jax.data import pipeline, records
+from dim_jax.training import checkpointing, metric_writer
+
+PyTree = Any
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+# --- pure step functions ----------------------------------------------------------------
+
+def make_optimizer(train_config) -> optax.GradientTransformation:
+  """AdamW (official: lr 1e-4, torch defaults b1 .9, b2 .999, eps 1e-8, weight decay .01)."""
+  lr = float(train_config.learning_rate)
+  warmup = int(train_config.warmup_steps)
+  if train_config.schedule == "constant":
+    schedule = optax.constant_schedule(lr) if warmup == 0 else optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+  elif train_config.schedule == "cosine":
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1),
+                                                  max(int(train_config.num_steps), warmup + 1))
+  else:
+    raise ValueError(f"train.schedule={train_config.schedule!r}; expected 'constant' or 'cosine'")
+  parts = []
+  if float(train_config.grad_clip_norm) > 0:
+    parts.append(optax.clip_by_global_norm(float(train_config.grad_clip_norm)))
+  parts.append(optax.adamw(schedule, b1=float(train_config.b1), b2=float(train_config.b2),
+                           eps=float(train_config.eps),
+                           weight_decay=float(train_config.weight_decay)))
+  return optax.chain(*parts)
+
+
+def train_step(state: dict, batch: dict, *, task, optimizer) -> tuple[dict, dict]:
+  """One optimizer step; the step's rng is `fold_in(state.rng, step)` so resume replays it."""
+  rng = jax.random.fold_in(state["rng"], state["step"])
+  grad_fn = jax.value_and_grad(task.loss_fn, has_aux=True)
+  (loss, metrics), grads = grad_fn(state["params"], batch, rng)
+  updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+                 param_norm=optax.global_norm(params))
+  new_state = dict(step=state["step"] + 1, params=params, opt_state=opt_state, rng=state["rng"])
+  return new_state, metrics
+
+
+def eval_step(params: PyTree, batch: dict, *, task) -> dict:
+  return task.eval_sums(params, batch)
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+def ensure_data(config) -> str:
+  """Returns the data dir; writes the embedded synthetic dataset there if asked and absent."""
+  data_dir = config.data.dir
+  if not data_dir:
+    raise ValueError("config.data.dir is empty: name a directory of dim_jax TFRecords "
+                     "(or one where the synthetic dataset should be written)")
+  info = os.path.join(data_dir, "dataset_info.json")
+  if not os.path.exists(info):
+    if not config.data.synthetic:
+      raise records.RecordError(f"{info}: no dataset here (set data.synthetic=True to generate "
+                                "the embedded synthetic dataset)")
+    if jax.process_index() == 0:
+      from dim_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+      logging.info("writing the synthetic dataset to %s", data_dir)
+      synthetic.write_synthetic_dataset(
+          data_dir, seed=int(config.data.synthetic_seed),
+          num_train=int(config.data.synthetic_num_train),
+          num_val=int(config.data.synthetic_num_val),
+          num_test=int(config.data.synthetic_num_test))
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("synthetic data written")
+  return data_dir
+
+
+def make_split_dataset(config, data_dir: str, split: str, *, train: bool, batch_size: int):
+  return pipeline.make_dataset(
+      data_dir, split, batch_size=batch_size, train=train, seed=int(config.seed),
+      bucket_boundaries=list(config.data.bucket_boundaries), max_len=int(config.data.max_len),
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      shuffle_buffer=int(config.data.shuffle_buffer))
+
+
+def _synchronized_batches(local_batches: Iterator[dict], filler: dict) -> Iterator[dict]:
+  """Yields until every process is exhausted; exhausted hosts contribute masked fillers."""
+  multi = jax.process_count() > 1
+  for batch in local_batches:
+    if multi:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.process_allgather(np.int32(1))
+    yield batch
+  if multi:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    while int(np.max(multihost_utils.process_allgather(np.int32(0)))) > 0:
+      yield filler
+
+
+def evaluate(task, params, dataset, mesh, compiled_eval) -> dict[str, float]:
+  """Full pass over a split; exact (sum, count) aggregation, padding never counted."""
+  totals = None
+  filler = None
+  for local in _synchronized_batches(pipeline.as_numpy(iter(dataset)), filler):
+    if filler is None:
+      filler = {k: np.zeros_like(v) for k, v in local.items() if np.asarray(v).dtype.kind in "biuf"}
+    sums = compiled_eval(params, sharding_lib.to_global_batch(local, mesh))
+    sums = jax.device_get(sums)
+    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+  if totals is None:
+    raise records.RecordError(f"evaluation split is empty: {dataset}")
+  return task.finalize_eval(totals)
+
+
+def _dummy_batch(mesh, batch_size: int) -> dict[str, np.ndarray]:
+  frames = 8
+  return dict(
+      speaker_motion=np.zeros((batch_size, frames, records.MOTION_DIM), np.float32),
+      listener_motion=np.zeros((batch_size, frames, records.MOTION_DIM), np.float32),
+      speaker_audio=np.zeros((batch_size, frames, records.AUDIO_DIM), np.float32),
+      mask=np.ones((batch_size, frames), bool),
+      length=np.full((batch_size,), frames, np.int32))
+
+
+class _Preemption:
+  """SIGTERM sets a flag; the loop saves a checkpoint and exits cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. a notebook worker): no handler.
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+# --- the loop ---------------------------------------------------------------------------
+
+def train_and_evaluate(config, workdir: str, task) -> dict:
+  """Trains `task` per `config`, checkpointing into `workdir`; returns final metrics."""
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding_lib.make_mesh(config.mesh)
+  tc = config.train
+  local_batch = sharding_lib.check_batch_size(int(tc.batch_size), mesh, jax.process_count(),
+                                              "train.batch_size")
+  local_eval_batch = sharding_lib.check_batch_size(int(tc.eval_batch_size), mesh,
+                                                   jax.process_count(), "train.eval_batch_size")
+  data_dir = ensure_data(config)
+  train_ds = make_split_dataset(config, data_dir, "train", train=True, batch_size=local_batch)
+  val_ds = make_split_dataset(config, data_dir, "val", train=False, batch_size=local_eval_batch)
+
+  optimizer = make_optimizer(tc)
+  root = jax.random.PRNGKey(int(config.seed))
+  init_rng, train_rng = jax.random.split(root)
+  dummy = sharding_lib.to_global_batch(_dummy_batch(mesh, local_batch), mesh)
+
+  def init_state(rng):
+    params = task.init_params(rng, dummy)
+    return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                rng=train_rng)
+
+  abstract_state = jax.eval_shape(init_state, init_rng)
+  state_shardings = sharding_lib.tree_shardings(abstract_state, mesh)
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  repl = sharding_lib.replicated(mesh)
+
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                    keep=int(tc.keep_checkpoints),
+                                    save_every=int(tc.checkpoint_every_steps))
+  meta = dict(task.model_meta(), config=json.loads(config.to_json_best_effort()))
+  latest = ckpt.latest_step()
+  train_iter = iter(train_ds)
+  if latest is not None:
+    saved_meta = ckpt.read_meta(latest)
+    differences = checkpointing.config_differences(
+        {k: meta[k] for k in meta if k != "config"},
+        {k: saved_meta.get(k) for k in meta if k != "config"})
+    if differences:
+      raise checkpointing.CheckpointMismatchError(
+          f"{workdir} holds a checkpoint (step {latest}) of a different model; use another "
+          "workdir or the same config. Differences:\n  " + "\n  ".join(differences))
+    state = ckpt.restore_state(
+        latest, checkpointing.abstract_with_shardings(abstract_state, state_shardings))
+    if not ckpt.restore_iterator(latest, train_iter):
+      logging.warning("no iterator state for this process; skipping %d batches", latest)
+      for _ in range(int(saved_meta.get("batches_consumed", latest))):
+        next(train_iter)
+    logging.info("resumed from %s at step %d", workdir, latest)
+  else:
+    state = jax.jit(init_state, out_shardings=state_shardings)(init_rng)
+    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state["params"]))
+    logging.info("initialised %s: %.2fM parameters", task.name, n_params / 1e6)
+
+  compiled_train = jax.jit(
+      functools.partial(train_step, task=task, optimizer=optimizer),
+      in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, repl),
+      donate_argnums=0)
+  compiled_eval = jax.jit(functools.partial(eval_step, task=task),
+                          in_shardings=(state_shardings["params"], batch_sharding),
+                          out_shardings=repl)
+
+  writer = metric_writer.MetricWriter(workdir)
+  if latest is None and jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  start = int(jax.device_get(state["step"]))
+  num_steps = int(tc.num_steps)
+  train_batches = pipeline.as_numpy(train_iter)
+  pending = []
+  val_metrics = None
+  if start == 0 and bool(tc.eval_at_start):
+    initial = evaluate(task, state["params"], val_ds, mesh, compiled_eval)
+    writer.write(0, {f"val/{k}": v for k, v in initial.items()})
+  with _Preemption() as preemption, metric_writer.progress_bar(
+      num_steps, start, f"{task.name}") as bar:
+    for step in range(start + 1, num_steps + 1):
+      batch = sharding_lib.to_global_batch(next(train_batches), mesh)
+      state, metrics = compiled_train(state, batch)
+      pending.append(metrics)
+      bar.update(1)
+      if step % int(tc.log_every_steps) == 0 or step == num_steps:
+        summary = metric_writer.summarize(jax.device_get(pending))
+        pending = []
+        if not math.isfinite(summary["loss"]):
+          raise NonFiniteLossError(
+              f"non-finite training loss {summary['loss']} in steps "
+              f"{step - int(tc.log_every_steps) + 1}..{step}; last good checkpoint: "
+              f"{ckpt.latest_step()}")
+        writer.write(step, {f"train/{k}": v for k, v in summary.items()})
+        bar.set_postfix(loss=f"{summary['loss']:.4f}")
+      val_loss = None
+      if step % int(tc.eval_every_steps) == 0 or step == num_steps:
+        val_metrics = evaluate(task, state["params"], val_ds, mesh, compiled_eval)
+        writer.write(step, {f"val/{k}": v for k, v in val_metrics.items()})
+        val_loss = val_metrics["loss"]
+      if (step % int(tc.checkpoint_every_steps) == 0 or step == num_steps
+          or preemption.requested or val_loss is not None):
+        ckpt.save(step, state, iterator=train_iter, val_loss=val_loss,
+                  meta=dict(meta, batches_consumed=step))
+      if step == int(tc.simulate_preemption_at_step):
+        # Test hook: die like a killed job right after this step's checkpoint is committed.
+        ckpt.wait()
+        os.kill(os.getpid(), signal.SIGKILL)
+      if preemption.requested:
+        logging.warning("SIGTERM: checkpoint saved at step %d, exiting", step)
+        break
+  ckpt.close()
+  writer.close()
+  return dict(val=val_metrics, step=int(jax.device_get(state["step"])),
+              best_step=ckpt.best_step(), state=state, mesh=mesh, compiled_eval=compiled_eval)

@@ -1,0 +1,103 @@
+"""Phase `vq`: the motion VQ-VAE tokenizer of one role (speaker or listener).
+
+Loss (official `calc_vq_loss`): L1 reconstruction over valid frames + quant_loss_weight x the
+quantizer loss. Evaluation reports reconstruction error per stream (pose dims 0:6,
+expression dims 6:56) and codebook usage accumulated over the whole split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dim_jax.models import vqvae
+
+POSE = slice(0, 6)
+EXPRESSION = slice(6, 56)
+ROLES = ("speaker", "listener")
+
+
+@dataclasses.dataclass(frozen=True)
+class VQTask:
+  """Pure functions of the VQ phase; the generic trainer jits and shards them."""
+  model: vqvae.VQVAE
+  role: str
+  quant_loss_weight: float = 1.0
+
+  name = "vq"
+
+  @classmethod
+  def from_config(cls, config) -> "VQTask":
+    if config.role not in ROLES:
+      raise ValueError(f"config.role={config.role!r}; expected one of {ROLES}")
+    model = vqvae.VQVAE(vqvae.vq_config_from(config.model))
+    return cls(model=model, role=config.role,
+               quant_loss_weight=float(config.train.quant_loss_weight))
+
+  @property
+  def motion_key(self) -> str:
+    return f"{self.role}_motion"
+
+  def model_meta(self) -> dict:
+    cfg = dataclasses.asdict(self.model.config)
+    cfg["dtype"] = jnp.dtype(cfg["dtype"]).name
+    return dict(phase=self.name, role=self.role, model=cfg)
+
+  def init_params(self, rng: jax.Array, batch: dict[str, jax.Array]) -> Any:
+    params_rng, dropout_rng = jax.random.split(rng)
+    variables = self.model.init({"params": params_rng, "dropout": dropout_rng},
+                                batch[self.motion_key], batch["mask"], train=False)
+    return variables["params"]
+
+  def _reconstruct(self, params, batch, rng, train):
+    rngs = {"dropout": rng} if train else {}
+    return self.model.apply({"params": params}, batch[self.motion_key], batch["mask"],
+                            train=train, rngs=rngs)
+
+  def loss_fn(self, params, batch, rng):
+    """Scalar loss and metrics for one training batch."""
+    out = self._reconstruct(params, batch, rng, train=True)
+    target = batch[self.motion_key]
+    valid = batch["mask"][..., None].astype(jnp.float32)
+    frames = jnp.maximum(valid.sum(), 1.0)
+    abs_err = jnp.abs(out["reconstruction"] - target) * valid
+    rec_l1 = abs_err.sum() / (frames * target.shape[-1])
+    loss = rec_l1 + self.quant_loss_weight * out["quant_loss"]
+    metrics = dict(rec_l1=rec_l1, quant_loss=out["quant_loss"], perplexity=out["perplexity"],
+                   pose_l1=abs_err[..., POSE].sum() / (frames * 6),
+                   expression_l1=abs_err[..., EXPRESSION].sum() / (frames * 50))
+    return loss, metrics
+
+  def eval_sums(self, params, batch) -> dict[str, jax.Array]:
+    """Sums over a batch (deterministic model); combined exactly by `finalize_eval`."""
+    out = self._reconstruct(params, batch, None, train=False)
+    target = batch[self.motion_key]
+    valid = batch["mask"][..., None].astype(jnp.float32)
+    err = (out["reconstruction"] - target) * valid
+    frames = valid.sum()
+    return dict(frames=frames,
+                pose_abs=jnp.abs(err[..., POSE]).sum(), expression_abs=jnp.abs(err[..., EXPRESSION]).sum(),
+                pose_sq=jnp.square(err[..., POSE]).sum(),
+                expression_sq=jnp.square(err[..., EXPRESSION]).sum(),
+                quant_loss=out["quant_loss"] * frames, code_counts=out["code_counts"])
+
+  def finalize_eval(self, sums: dict[str, np.ndarray]) -> dict[str, float]:
+    frames = max(float(sums["frames"]), 1.0)
+    counts = np.asarray(sums["code_counts"], np.float64)
+    probs = counts / max(counts.sum(), 1.0)
+    nonzero = probs[probs > 0]
+    rec_l1 = (float(sums["pose_abs"]) + float(sums["expression_abs"])) / (frames * 56)
+    quant = float(sums["quant_loss"]) / frames
+    return dict(loss=rec_l1 + self.quant_loss_weight * quant, rec_l1=rec_l1, quant_loss=quant,
+                pose_l1=float(sums["pose_abs"]) / (frames * 6),
+                expression_l1=float(sums["expression_abs"]) / (frames * 50),
+                pose_mse=float(sums["pose_sq"]) / (frames * 6),
+                expression_mse=float(sums["expression_sq"]) / (frames * 50),
+                codes_used=int((counts > 0).sum()),
+                codebook_usage=float((counts > 0).mean()),
+                perplexity=float(np.exp(-(nonzero * np.log(nonzero)).sum())),
+                frames=int(frames))

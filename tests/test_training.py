@@ -1,0 +1,130 @@
+"""Training spine: learning, sharded equivalence, exact resume after a kill, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dim_jax import config_lib, phases
+from dim_jax.data import records, synthetic
+from dim_jax.training import checkpointing, metric_writer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("data"))
+  synthetic.write_synthetic_dataset(path, seed=0, num_train=48, num_val=16, num_test=16,
+                                    min_len=40, max_len=120)
+  return path
+
+
+def tiny_config(data_dir, **train):
+  config = config_lib.shrink_to_tiny(config_lib.vq_config("listener"))
+  config.data.dir = data_dir
+  config.train.batch_size = 8
+  config.train.eval_batch_size = 8
+  for key, value in train.items():
+    config.train[key] = value
+  return config
+
+
+def run_main(workdir, data_dir, *flags, devices=1):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["CI"] = "1"
+  cmd = [sys.executable, "-m", "dim_jax.main", "--config", "configs/vq_tiny.py",
+         f"--workdir={workdir}", f"--config.data.dir={data_dir}",
+         "--config.train.batch_size=8", "--config.train.eval_batch_size=8", *flags]
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+
+
+def losses(workdir, key="train/loss"):
+  return {m["step"]: m[key] for m in metric_writer.read_metrics(workdir) if key in m}
+
+
+def test_vq_training_lowers_validation_error(data_dir, tmp_path):
+  config = tiny_config(data_dir, num_steps=100, eval_every_steps=100, log_every_steps=10,
+                       checkpoint_every_steps=100, eval_at_start=True)
+  report = phases.run(config, str(tmp_path))
+  val = losses(str(tmp_path), "val/rec_l1")
+  assert val[100] < 0.5 * val[0], val
+  # The report is the test split, evaluated from the best checkpoint.
+  assert report["test"]["frames"] > 0
+  assert report["test"]["codes_used"] > 1
+  saved = json.load(open(tmp_path / "report.json"))
+  assert saved["test"]["rec_l1"] == pytest.approx(report["test"]["rec_l1"])
+
+
+@pytest.mark.multidevice
+def test_eight_device_data_fsdp_mesh_matches_one_device(data_dir, tmp_path):
+  common = ["--config.train.num_steps=4", "--config.train.log_every_steps=1",
+            "--config.train.eval_every_steps=4", "--config.train.checkpoint_every_steps=4"]
+  one = run_main(tmp_path / "one", data_dir, *common, devices=1)
+  assert one.returncode == 0, one.stderr[-3000:]
+  eight = run_main(tmp_path / "eight", data_dir, *common, "--config.mesh.data=4",
+                   "--config.mesh.fsdp=2", devices=8)
+  assert eight.returncode == 0, eight.stderr[-3000:]
+  a, b = losses(tmp_path / "one"), losses(tmp_path / "eight")
+  assert sorted(a) == [1, 2, 3, 4] and sorted(b) == sorted(a)
+  for step in a:
+    assert abs(a[step] - b[step]) <= 1e-5 * max(1.0, abs(a[step])), (step, a[step], b[step])
+  # Losses really change over the steps (the comparison is not of constants).
+  assert len({round(v, 6) for v in a.values()}) == 4
+
+
+def test_killed_run_resumes_exactly(data_dir, tmp_path):
+  common = ["--config.train.num_steps=6", "--config.train.log_every_steps=1",
+            "--config.train.eval_every_steps=6", "--config.train.checkpoint_every_steps=2",
+            "--config.model.dropout_rate=0.1"]
+  full = run_main(tmp_path / "full", data_dir, *common)
+  assert full.returncode == 0, full.stderr[-3000:]
+  killed = run_main(tmp_path / "resumed", data_dir, *common,
+                    "--config.train.simulate_preemption_at_step=4")
+  assert killed.returncode != 0  # SIGKILL'd right after the step-4 checkpoint.
+  assert 5 not in losses(tmp_path / "resumed")
+  resumed = run_main(tmp_path / "resumed", data_dir, *common)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  a, b = losses(tmp_path / "full"), losses(tmp_path / "resumed")
+  for step in (5, 6):
+    assert b[step] == pytest.approx(a[step], abs=1e-6), (step, a, b)
+  assert losses(tmp_path / "resumed", "val/loss")[6] == pytest.approx(
+      losses(tmp_path / "full", "val/loss")[6], abs=1e-6)
+
+
+def test_unknown_config_field_is_refused(data_dir, tmp_path):
+  result = run_main(tmp_path, data_dir, "--config.train.nonexistent_field=3")
+  assert result.returncode != 0
+  assert "nonexistent_field" in result.stderr
+
+
+def test_workdir_with_another_models_checkpoint_is_refused(data_dir, tmp_path):
+  config = tiny_config(data_dir, num_steps=1, eval_every_steps=1, checkpoint_every_steps=1)
+  phases.run(config, str(tmp_path))
+  other = tiny_config(data_dir, num_steps=2, eval_every_steps=1, checkpoint_every_steps=1)
+  other.model.hidden_size = 48
+  with pytest.raises(checkpointing.CheckpointMismatchError, match="hidden_size"):
+    phases.run(other, str(tmp_path))
+  # Nothing was written over the original checkpoint.
+  assert checkpointing.Checkpointer(str(tmp_path / "checkpoints"), keep=3,
+                                    save_every=1).latest_step() == 1
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+  config = tiny_config(str(tmp_path / "nowhere"), num_steps=1)
+  config.data.synthetic = False
+  with pytest.raises(records.RecordError, match="nowhere"):
+    phases.run(config, str(tmp_path / "work"))
+
+
+def test_params_tree_mismatch_lists_paths():
+  expected = {"a": np.zeros((2, 3)), "b": {"c": np.zeros(4)}}
+  found = {"a": np.zeros((2, 4)), "d": np.zeros(1)}
+  problems = checkpointing.tree_mismatches(expected, found)
+  assert any("b/c" in p and "missing" in p for p in problems)
+  assert any(p.startswith("not in model: d") for p in problems)
+  assert any("a" in p and "(2, 3)" in p and "(2, 4)" in p for p in problems)

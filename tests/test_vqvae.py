@@ -1,0 +1,145 @@
+"""VQ-VAE: padding invariance, straight-through gradient, layer semantics against NumPy."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dim_jax.models import vqvae
+
+TINY = vqvae.VQConfig(hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64,
+                      codebook_size=64, code_dim=16, dropout_rate=0.0)
+
+
+def _init(config, frames=16, batch=2, seed=0):
+  model = vqvae.VQVAE(config)
+  motion = jnp.zeros((batch, frames, config.in_dim))
+  mask = jnp.ones((batch, frames), bool)
+  params = model.init({"params": jax.random.PRNGKey(seed)}, motion, mask)["params"]
+  return model, params
+
+
+def _random_motion(rng, frames):
+  return rng.normal(size=(frames, 56)).astype(np.float32)
+
+
+def test_padded_batch_tokenizes_like_each_sequence_alone():
+  model, params = _init(TINY)
+  rng = np.random.default_rng(0)
+  lengths = [23, 9, 16, 2]
+  clips = [_random_motion(rng, n) for n in lengths]
+  frames = 32
+  batch = np.zeros((len(clips), frames, 56), np.float32)
+  # Garbage (not zeros) in padding: it must not leak anywhere.
+  batch[:] = 1e3
+  mask = np.zeros((len(clips), frames), bool)
+  for i, clip in enumerate(clips):
+    batch[i, : len(clip)] = clip
+    mask[i, : len(clip)] = True
+  apply = jax.jit(model.apply)
+  out = apply({"params": params}, jnp.asarray(batch), jnp.asarray(mask))
+  for i, clip in enumerate(clips):
+    alone = apply({"params": params}, clip[None], jnp.ones((1, len(clip)), bool))
+    np.testing.assert_array_equal(np.asarray(out["tokens"][i, : len(clip)]),
+                                  np.asarray(alone["tokens"][0]))
+    np.testing.assert_allclose(np.asarray(out["reconstruction"][i, : len(clip)]),
+                               np.asarray(alone["reconstruction"][0]), rtol=1e-4, atol=1e-4)
+    # Padded frames of the reconstruction are exactly zero.
+    assert np.all(np.asarray(out["reconstruction"][i, len(clip):]) == 0)
+
+
+def test_straight_through_gradient_reaches_encoder():
+  model, params = _init(TINY)
+  rng = np.random.default_rng(1)
+  motion = jnp.asarray(rng.normal(size=(2, 16, 56)).astype(np.float32))
+  mask = jnp.ones((2, 16), bool)
+
+  def reconstruction_only(p):
+    out = model.apply({"params": p}, motion, mask)
+    return jnp.mean(jnp.abs(out["reconstruction"] - motion))
+
+  grads = jax.jit(jax.grad(reconstruction_only))(params)
+  encoder_grad = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads["encoder"]))
+  # Without the straight-through estimator the reconstruction loss could only reach the
+  # encoder through argmin, i.e. never.
+  assert encoder_grad > 1e-6
+  # The reconstruction loss alone gives the codebook no gradient (only the quant loss does).
+  assert float(jnp.abs(grads["quantizer"]["codebook"]).sum()) == 0.0
+
+
+def test_masked_instance_norm_matches_numpy_on_valid_frames():
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(2, 10, 3)).astype(np.float32)
+  mask = np.zeros((2, 10), bool)
+  mask[0, :7] = True
+  mask[1, :10] = True
+  got = np.asarray(vqvae.masked_instance_norm(jnp.asarray(x), jnp.asarray(mask)))
+  for b, n in enumerate([7, 10]):
+    valid = x[b, :n]
+    expected = (valid - valid.mean(0)) / np.sqrt(valid.var(0) + 1e-5)
+    np.testing.assert_allclose(got[b, :n], expected, atol=1e-5)
+
+
+def test_replicate_pad_repeats_last_valid_frame():
+  x = np.arange(2 * 6 * 1, dtype=np.float32).reshape(2, 6, 1)
+  lengths = np.array([4, 6])
+  got = np.asarray(vqvae.replicate_pad(jnp.asarray(x), jnp.asarray(lengths), pad=2))
+  expected0 = np.pad(x[0, :4], ((2, 2), (0, 0)), mode="edge")
+  np.testing.assert_array_equal(got[0, : 4 + 4], expected0)
+  np.testing.assert_array_equal(got[1], np.pad(x[1], ((2, 2), (0, 0)), mode="edge"))
+
+
+def test_quantizer_tokens_and_loss_match_numpy():
+  quantizer = vqvae.VectorQuantizer(codebook_size=8, code_dim=4, beta=0.25)
+  rng = np.random.default_rng(3)
+  latents = rng.normal(size=(2, 5, 4)).astype(np.float32)
+  mask = np.ones((2, 5), bool)
+  mask[1, 3:] = False
+  params = quantizer.init(jax.random.PRNGKey(0), jnp.asarray(latents), jnp.asarray(mask))
+  codebook = np.asarray(params["params"]["codebook"])
+  out = quantizer.apply(params, jnp.asarray(latents), jnp.asarray(mask))
+  distances = ((latents[..., None, :] - codebook) ** 2).sum(-1)
+  tokens = distances.argmin(-1)
+  np.testing.assert_array_equal(np.asarray(out["tokens"])[mask], tokens[mask])
+  sq = ((codebook[tokens] - latents) ** 2)[mask]
+  np.testing.assert_allclose(float(out["quant_loss"]), 1.25 * sq.mean(), rtol=1e-5)
+  counts = np.bincount(tokens[mask], minlength=8)
+  np.testing.assert_array_equal(np.asarray(out["code_counts"]), counts)
+  probs = counts / counts.sum()
+  nz = probs[probs > 0]
+  np.testing.assert_allclose(float(out["perplexity"]), np.exp(-(nz * np.log(nz)).sum()), rtol=1e-5)
+
+
+def test_positional_encoding_official_indexes_batch_position():
+  config = dataclasses.replace(TINY, positional_encoding="official_batch_index")
+  module = vqvae.PositionalEncoding(config)
+  x = np.zeros((3, 5, config.hidden_size), np.float32)
+  out = np.asarray(module.apply({}, jnp.asarray(x), train=False))
+  table = vqvae.sinusoid_table(10, config.hidden_size)
+  for b in range(3):
+    np.testing.assert_allclose(out[b], np.broadcast_to(table[b], (5, config.hidden_size)), atol=1e-6)
+  time_module = vqvae.PositionalEncoding(TINY)
+  out = np.asarray(time_module.apply({}, jnp.asarray(x), train=False))
+  np.testing.assert_allclose(out[2], table[:5], atol=1e-6)
+
+
+def test_official_size_parameter_count():
+  model = vqvae.VQVAE(vqvae.VQConfig())
+  shapes = jax.eval_shape(
+      lambda: model.init({"params": jax.random.PRNGKey(0)}, jnp.zeros((1, 8, 56)),
+                         jnp.ones((1, 8), bool)))
+  count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(shapes))
+  # Official VQAutoEncoder (DESIGN.md: 23.3 M), counted by hand:
+  h, m, layers = 384, 1536, 6
+  block = 2 * 2 * h + 3 * h * h + h * h + h + h * m + m + m * h + h
+  conv = 5 * h * h + h
+  encoder = (56 * h + h) + conv + (h * h + h) + layers * block + (h * 128 + 128)
+  decoder = (128 * h + h) + conv + (h * h + h) + layers * block + h * 56
+  assert count == encoder + decoder + 512 * 128
+
+
+def test_bad_config_is_refused():
+  with pytest.raises(ValueError, match="positional_encoding"):
+    vqvae.VQConfig(positional_encoding="sideways")
