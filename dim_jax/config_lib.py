@@ -84,6 +84,11 @@ def train_config() -> ml_collections.ConfigDict:
   train.eval_at_start = False      # also evaluate the initial params (logged as step 0).
   train.checkpoint_every_steps = 1000
   train.keep_checkpoints = 3       # latest N kept, plus the best by validation loss.
+  # How a resume finds its place in the data (both exact, the pipeline is deterministic):
+  # 'iterator' saves each host's tf.data iterator in the checkpoint (instant resume, but the
+  # state holds the shuffle buffer: tens of MB or more); 'replay' stores only the number of
+  # batches consumed and replays the pipeline to there on resume (tiny checkpoints).
+  train.data_state = "iterator"
   train.simulate_preemption_at_step = -1  # tests only: SIGKILL self after this step's save.
   return train
 
@@ -120,6 +125,8 @@ def shrink_to_tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   config.data.max_len = 128
   config.data.bucket_boundaries = (64, 128)
   config.train.batch_size = 16
+  config.train.data_state = "replay"  # a few hundred batches replay instantly.
+  config.train.keep_checkpoints = 2
   config.train.eval_batch_size = 16
   config.train.num_steps = 400
   config.train.learning_rate = 2e-3

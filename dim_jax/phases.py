@@ -34,9 +34,12 @@ def run_vq(config, workdir: str) -> dict:
     params = ckpt.restore_state(best, checkpointing.abstract_with_shardings(abstract, shardings))["params"]
     ckpt.close()
   data_dir = trainer.ensure_data(config)
+  local_batch = int(config.train.eval_batch_size) // jax.process_count()
   test_ds = trainer.make_split_dataset(config, data_dir, "test", train=False,
-                                       batch_size=int(config.train.eval_batch_size) // jax.process_count())
-  test = trainer.evaluate(task, params, test_ds, mesh, result["compiled_eval"])
+                                       batch_size=local_batch)
+  test = trainer.evaluate(task, params, dataset=test_ds, mesh=mesh,
+                          compiled_eval=result["compiled_eval"],
+                          batch_size=local_batch, min_frames=min(config.data.bucket_boundaries))
   report = dict(phase="vq", role=config.role, step=result["step"], best_step=best,
                 val=result["val"], test=test)
   if jax.process_index() == 0:

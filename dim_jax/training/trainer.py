@@ -63,8 +63,8 @@ def train_step(state: dict, batch: dict, *, task, optimizer) -> tuple[dict, dict
   (loss, metrics), grads = grad_fn(state["params"], batch, rng)
   updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
-  metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
-                 param_norm=optax.global_norm(params))
+  metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+                 param_norm=optax.tree.norm(params))
   new_state = dict(step=state["step"] + 1, params=params, opt_state=opt_state, rng=state["rng"])
   return new_state, metrics
 
@@ -108,27 +108,38 @@ def make_split_dataset(config, data_dir: str, split: str, *, train: bool, batch_
       shuffle_buffer=int(config.data.shuffle_buffer))
 
 
-def _synchronized_batches(local_batches: Iterator[dict], filler: dict) -> Iterator[dict]:
-  """Yields until every process is exhausted; exhausted hosts contribute masked fillers."""
-  multi = jax.process_count() > 1
-  for batch in local_batches:
-    if multi:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      multihost_utils.process_allgather(np.int32(1))
-    yield batch
-  if multi:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    while int(np.max(multihost_utils.process_allgather(np.int32(0)))) > 0:
+def _synchronized_batches(local_batches: Iterator[dict], template: dict) -> Iterator[dict]:
+  """Yields until every process is exhausted; exhausted hosts contribute masked fillers.
+
+  Hosts can hold different numbers of eval batches (length buckets, uneven shards); every
+  global step needs all of them, so each step first agrees (one all-gather) on whether any
+  host still has data.
+  """
+  if jax.process_count() == 1:
+    yield from local_batches
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  filler = template
+  exhausted = False
+  while True:
+    batch = None if exhausted else next(local_batches, None)
+    exhausted = batch is None
+    if not int(np.max(multihost_utils.process_allgather(np.int32(not exhausted)))):
+      return
+    if batch is not None:
+      filler = {k: np.zeros_like(v) for k, v in batch.items() if np.asarray(v).dtype.kind in "biuf"}
+      yield batch
+    else:
       yield filler
 
 
-def evaluate(task, params, dataset, mesh, compiled_eval) -> dict[str, float]:
+def evaluate(task, params, *, dataset, mesh, compiled_eval, batch_size: int,
+             min_frames: int = 8) -> dict[str, float]:
   """Full pass over a split; exact (sum, count) aggregation, padding never counted."""
   totals = None
-  filler = None
-  for local in _synchronized_batches(pipeline.as_numpy(iter(dataset)), filler):
-    if filler is None:
-      filler = {k: np.zeros_like(v) for k, v in local.items() if np.asarray(v).dtype.kind in "biuf"}
+  template = dict(_dummy_batch(batch_size, min_frames), example_mask=np.zeros(batch_size, bool))
+  template["mask"][:] = False
+  for local in _synchronized_batches(pipeline.as_numpy(iter(dataset)), template):
     sums = compiled_eval(params, sharding_lib.to_global_batch(local, mesh))
     sums = jax.device_get(sums)
     totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
@@ -137,8 +148,7 @@ def evaluate(task, params, dataset, mesh, compiled_eval) -> dict[str, float]:
   return task.finalize_eval(totals)
 
 
-def _dummy_batch(mesh, batch_size: int) -> dict[str, np.ndarray]:
-  frames = 8
+def _dummy_batch(batch_size: int, frames: int = 8) -> dict[str, np.ndarray]:
   return dict(
       speaker_motion=np.zeros((batch_size, frames, records.MOTION_DIM), np.float32),
       listener_motion=np.zeros((batch_size, frames, records.MOTION_DIM), np.float32),
@@ -185,10 +195,12 @@ def train_and_evaluate(config, workdir: str, task) -> dict:
   train_ds = make_split_dataset(config, data_dir, "train", train=True, batch_size=local_batch)
   val_ds = make_split_dataset(config, data_dir, "val", train=False, batch_size=local_eval_batch)
 
+  if tc.data_state not in ("iterator", "replay"):
+    raise ValueError(f"train.data_state={tc.data_state!r}; expected 'iterator' or 'replay'")
   optimizer = make_optimizer(tc)
   root = jax.random.PRNGKey(int(config.seed))
   init_rng, train_rng = jax.random.split(root)
-  dummy = sharding_lib.to_global_batch(_dummy_batch(mesh, local_batch), mesh)
+  dummy = sharding_lib.to_global_batch(_dummy_batch(local_batch), mesh)
 
   def init_state(rng):
     params = task.init_params(rng, dummy)
@@ -217,8 +229,11 @@ def train_and_evaluate(config, workdir: str, task) -> dict:
           "workdir or the same config. Differences:\n  " + "\n  ".join(differences))
     state = ckpt.restore_state(
         latest, checkpointing.abstract_with_shardings(abstract_state, state_shardings))
-    if not ckpt.restore_iterator(latest, train_iter):
-      logging.warning("no iterator state for this process; skipping %d batches", latest)
+    if tc.data_state == "iterator" and ckpt.restore_iterator(latest, train_iter):
+      pass
+    else:
+      if tc.data_state == "iterator":
+        logging.warning("no iterator state for this process; replaying the data pipeline")
       for _ in range(int(saved_meta.get("batches_consumed", latest))):
         next(train_iter)
     logging.info("resumed from %s at step %d", workdir, latest)
@@ -235,6 +250,9 @@ def train_and_evaluate(config, workdir: str, task) -> dict:
                           in_shardings=(state_shardings["params"], batch_sharding),
                           out_shardings=repl)
 
+  run_validation = functools.partial(
+      evaluate, task, dataset=val_ds, mesh=mesh, compiled_eval=compiled_eval,
+      batch_size=local_eval_batch, min_frames=min(config.data.bucket_boundaries))
   writer = metric_writer.MetricWriter(workdir)
   if latest is None and jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
@@ -246,7 +264,7 @@ def train_and_evaluate(config, workdir: str, task) -> dict:
   pending = []
   val_metrics = None
   if start == 0 and bool(tc.eval_at_start):
-    initial = evaluate(task, state["params"], val_ds, mesh, compiled_eval)
+    initial = run_validation(state["params"])
     writer.write(0, {f"val/{k}": v for k, v in initial.items()})
   with _Preemption() as preemption, metric_writer.progress_bar(
       num_steps, start, f"{task.name}") as bar:
@@ -267,12 +285,13 @@ def train_and_evaluate(config, workdir: str, task) -> dict:
         bar.set_postfix(loss=f"{summary['loss']:.4f}")
       val_loss = None
       if step % int(tc.eval_every_steps) == 0 or step == num_steps:
-        val_metrics = evaluate(task, state["params"], val_ds, mesh, compiled_eval)
+        val_metrics = run_validation(state["params"])
         writer.write(step, {f"val/{k}": v for k, v in val_metrics.items()})
         val_loss = val_metrics["loss"]
       if (step % int(tc.checkpoint_every_steps) == 0 or step == num_steps
           or preemption.requested or val_loss is not None):
-        ckpt.save(step, state, iterator=train_iter, val_loss=val_loss,
+        ckpt.save(step, state, iterator=train_iter if tc.data_state == "iterator" else None,
+                  val_loss=val_loss,
                   meta=dict(meta, batches_consumed=step))
       if step == int(tc.simulate_preemption_at_step):
         # Test hook: die like a killed job right after this step's checkpoint is committed.

@@ -1,0 +1,135 @@
+r"""Benchmarks (JSON): training-step throughput of dim_jax phases at official sizes.
+
+  python tools/benchmark.py --out bench.json [--peer_python .peer-venv/bin/python]
+
+Cases: `vq` = one VQ-VAE train step (official sizes, batch 32 x 64 frames, AdamW, L1 + quant
+loss) in float32 and bfloat16 compute. Each measurement runs in its own child process
+(warm-up, then timed steps; median/min/max). With `--peer_python` (a venv holding torch and
+the packages of ../shared/peer/README.md) the PyTorch peer of the official architecture is
+measured in the same run, interleaved, and the ratio is reported: compare ratios, not
+absolute figures, on these noisy machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+PEER_BENCH = os.path.join(ROOT, "..", "shared", "peer", "bench_peer.py")
+
+
+def child(case: str, batch: int, frames: int, dtype: str, warmup: int, steps: int) -> dict:
+  import functools  # pylint: disable=g-import-not-at-top
+  import jax
+  import numpy as np
+  from dim_jax import config_lib, sharding
+  from dim_jax.training import trainer, vq
+
+  if case != "vq":
+    raise ValueError(f"unknown case {case!r}")
+  config = config_lib.vq_config("speaker")
+  config.model.compute_dtype = dtype
+  task = vq.VQTask.from_config(config)
+  optimizer = trainer.make_optimizer(config.train)
+  mesh = sharding.make_mesh(config.mesh)
+  rng = np.random.default_rng(1)
+  local = dict(speaker_motion=rng.normal(size=(batch, frames, 56)).astype(np.float32),
+               mask=np.ones((batch, frames), bool))
+  batch_arrays = sharding.to_global_batch(local, mesh)
+  params = task.init_params(jax.random.PRNGKey(0), batch_arrays)
+  state = dict(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
+               opt_state=optimizer.init(params), rng=jax.random.PRNGKey(1))
+  step_fn = jax.jit(functools.partial(trainer.train_step, task=task, optimizer=optimizer),
+                    donate_argnums=0)
+  t0 = time.perf_counter()
+  state, metrics = step_fn(state, batch_arrays)
+  jax.block_until_ready(metrics)
+  compile_s = time.perf_counter() - t0
+  times = []
+  for i in range(warmup + steps):
+    t0 = time.perf_counter()
+    state, metrics = step_fn(state, batch_arrays)
+    jax.block_until_ready(metrics["loss"])
+    if i >= warmup:
+      times.append(time.perf_counter() - t0)
+  n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+  return dict(times=times, compile_s=compile_s, n_params=n_params)
+
+
+def run_child(args_list: list[str], python: str, script: str) -> dict:
+  env = dict(os.environ, OMP_NUM_THREADS="2", MKL_NUM_THREADS="2", TF_CPP_MIN_LOG_LEVEL="2")
+  proc = subprocess.run([python, script, *args_list], capture_output=True, text=True, env=env,
+                        cwd=ROOT)
+  if proc.returncode != 0:
+    return dict(error=proc.stderr.strip().splitlines()[-3:])
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def stats(times: list[float], frames_per_step: int) -> dict:
+  med = statistics.median(times)
+  return dict(median_s=med, min_s=min(times), max_s=max(times),
+              frames_per_s=frames_per_step / med, n=len(times))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+  parser.add_argument("--case", default="vq")
+  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--frames", type=int, default=64)
+  parser.add_argument("--dtype", default="float32")
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--rounds", type=int, default=2)
+  parser.add_argument("--peer_python", default=None)
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args()
+  if args.child:
+    print(json.dumps(child(args.case, args.batch, args.frames, args.dtype, args.warmup,
+                           args.steps)))
+    return
+  frames_per_step = args.batch * args.frames
+  impls = [("dim_jax_float32", "float32"), ("dim_jax_bfloat16", "bfloat16")]
+  if args.peer_python:
+    impls.append(("peer_torch", None))
+  pooled = {name: [] for name, _ in impls}
+  errors = {}
+  for round_index in range(args.rounds):
+    order = impls if round_index % 2 == 0 else impls[::-1]  # drift hits every impl alike.
+    for name, dtype in order:
+      if dtype is None:
+        out = run_child(["--child", "--case", args.case, "--impl", "peer", "--b", str(args.batch),
+                         "--t", str(args.frames), "--warmup", str(args.warmup), "--steps",
+                         str(args.steps), "--mm-checks", "0"], args.peer_python, PEER_BENCH)
+      else:
+        out = run_child(["--child", "--case", args.case, "--batch", str(args.batch), "--frames",
+                         str(args.frames), "--dtype", dtype, "--warmup", str(args.warmup),
+                         "--steps", str(args.steps)], sys.executable, os.path.abspath(__file__))
+      if "error" in out:
+        errors[name] = out["error"]
+      else:
+        pooled[name].extend(out["times"])
+  results = {name: stats(t, frames_per_step) for name, t in pooled.items() if t}
+  report = dict(case=args.case, batch=args.batch, frames=args.frames, results=results,
+                errors=errors, machine=dict(cpus=os.cpu_count()))
+  if "peer_torch" in results:
+    for name in ("dim_jax_float32", "dim_jax_bfloat16"):
+      if name in results:
+        report[f"ratio_{name}_vs_peer"] = (results[name]["frames_per_s"]
+                                           / results["peer_torch"]["frames_per_s"])
+  text = json.dumps(report, indent=2)
+  print(text)
+  if args.out:
+    with open(args.out, "w", encoding="utf-8") as f:
+      f.write(text + "\n")
+
+
+if __name__ == "__main__":
+  main()
