@@ -18,6 +18,7 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 
 from dim_jax import config_lib, phases
+from dim_jax.training import metric_writer
 
 flags.DEFINE_string("workdir", "runs/demo", "Where the demo writes everything.")
 flags.DEFINE_integer("vq_steps", 400, "Training steps per tokenizer.")
@@ -28,14 +29,17 @@ def format_report(reports: dict[str, dict]) -> str:
   lines = ["# dim_jax demo report", "",
            "Synthetic dyadic data (dim_jax/data/synthetic.py), tiny configs, test split.", "",
            "## VQ-VAE tokenizers", "",
+           "Reconstruction of the test split by each tokenizer's best checkpoint (chosen on the "
+           "validation split). Unexplained = squared error / data variance (1 - R^2).", "",
            "| role | steps | best step | pose L1 | expression L1 | pose MSE | expression MSE "
-           "| codes used | perplexity |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| pose unexplained | expression unexplained | codes used | perplexity |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
   for role, rep in reports.items():
     t = rep["test"]
     lines.append(f"| {role} | {rep['step']} | {rep['best_step']} | {t['pose_l1']:.4f} | "
                  f"{t['expression_l1']:.4f} | {t['pose_mse']:.5f} | {t['expression_mse']:.4f} | "
-                 f"{t['codes_used']} | {t['perplexity']:.1f} |")
+                 f"{t['pose_unexplained']:.3f} | {t['expression_unexplained']:.3f} | "
+                 f"{t['codes_used']} / {rep['codebook_size']} | {t['perplexity']:.1f} |")
   return "\n".join(lines) + "\n"
 
 
@@ -60,6 +64,7 @@ def run_demo(workdir: str, vq_steps: int = 400) -> dict:
 
 def main(argv):
   del argv
+  metric_writer.quiet_library_logs()
   run_demo(FLAGS.workdir, FLAGS.vq_steps)
 
 

@@ -16,6 +16,7 @@ import jax
 from ml_collections import config_flags
 
 from dim_jax import phases
+from dim_jax.training import metric_writer
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports.")
@@ -29,6 +30,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")
+  metric_writer.quiet_library_logs()
   logging.info("process %d/%d, devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
   phases.run(FLAGS.config, FLAGS.workdir)

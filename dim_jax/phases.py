@@ -41,6 +41,7 @@ def run_vq(config, workdir: str) -> dict:
                           compiled_eval=result["compiled_eval"],
                           batch_size=local_batch, min_frames=min(config.data.bucket_boundaries))
   report = dict(phase="vq", role=config.role, step=result["step"], best_step=best,
+                codebook_size=int(config.model.codebook_size),
                 val=result["val"], test=test)
   if jax.process_index() == 0:
     write_json_atomic(os.path.join(workdir, "report.json"), report)

@@ -143,3 +143,34 @@ def test_official_size_parameter_count():
 def test_bad_config_is_refused():
   with pytest.raises(ValueError, match="positional_encoding"):
     vqvae.VQConfig(positional_encoding="sideways")
+
+
+def test_vq_task_eval_metrics_match_direct_computation():
+  from dim_jax import config_lib
+  from dim_jax.training import vq
+  config = config_lib.shrink_to_tiny(config_lib.vq_config("speaker"))
+  task = vq.VQTask.from_config(config)
+  rng = np.random.default_rng(5)
+  motion = rng.normal(size=(3, 12, 56)).astype(np.float32)
+  motion[:, :, :6] *= 0.1
+  mask = np.zeros((3, 12), bool)
+  for i, n in enumerate([12, 7, 3]):
+    mask[i, :n] = True
+  motion[~mask] = 0.0
+  batch = dict(speaker_motion=jnp.asarray(motion), mask=jnp.asarray(mask))
+  params = task.init_params(jax.random.PRNGKey(0), batch)
+  # Split the batch in two to check that sums combine exactly.
+  halves = [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]
+  sums = [jax.device_get(task.eval_sums(params, h)) for h in halves]
+  metrics = task.finalize_eval(jax.tree.map(np.add, *sums))
+  out = task.model.apply({"params": params}, batch["speaker_motion"], batch["mask"])
+  err = (np.asarray(out["reconstruction"]) - motion)[mask]
+  target = motion[mask]
+  assert metrics["frames"] == mask.sum()
+  np.testing.assert_allclose(metrics["pose_l1"], np.abs(err[:, :6]).mean(), rtol=1e-5)
+  np.testing.assert_allclose(metrics["expression_mse"], np.square(err[:, 6:]).mean(), rtol=1e-5)
+  np.testing.assert_allclose(metrics["expression_unexplained"],
+                             np.square(err[:, 6:]).sum() / (target[:, 6:].var(0).sum() * len(target)),
+                             rtol=1e-4)
+  tokens = np.asarray(out["tokens"])[mask]
+  assert metrics["codes_used"] == len(np.unique(tokens))

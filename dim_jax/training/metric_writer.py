@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -41,6 +42,21 @@ class MetricWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+class _DropLibraryInfo(logging.Filter):
+  """Orbax logs every save stage at INFO; keep its warnings, drop the chatter."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
+def quiet_library_logs() -> None:
+  """Installs the filter on the absl handler (call once from entry points)."""
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  handler = absl_logging.get_absl_handler()
+  if not any(isinstance(f, _DropLibraryInfo) for f in handler.filters):
+    handler.addFilter(_DropLibraryInfo())
 
 
 def read_metrics(workdir: str) -> list[dict]:

@@ -83,7 +83,10 @@ class VQTask:
                 pose_abs=jnp.abs(err[..., POSE]).sum(), expression_abs=jnp.abs(err[..., EXPRESSION]).sum(),
                 pose_sq=jnp.square(err[..., POSE]).sum(),
                 expression_sq=jnp.square(err[..., EXPRESSION]).sum(),
-                quant_loss=out["quant_loss"] * frames, code_counts=out["code_counts"])
+                quant_loss=out["quant_loss"] * frames, code_counts=out["code_counts"],
+                # Per-dimension moments of the target, for the unexplained-variance ratio.
+                target_sum=(target * valid).sum(axis=(0, 1)),
+                target_sq=(jnp.square(target) * valid).sum(axis=(0, 1)))
 
   def finalize_eval(self, sums: dict[str, np.ndarray]) -> dict[str, float]:
     frames = max(float(sums["frames"]), 1.0)
@@ -92,11 +95,17 @@ class VQTask:
     nonzero = probs[probs > 0]
     rec_l1 = (float(sums["pose_abs"]) + float(sums["expression_abs"])) / (frames * 56)
     quant = float(sums["quant_loss"]) / frames
+    mean = np.asarray(sums["target_sum"], np.float64) / frames
+    variance = np.maximum(np.asarray(sums["target_sq"], np.float64) / frames - mean**2, 1e-12)
     return dict(loss=rec_l1 + self.quant_loss_weight * quant, rec_l1=rec_l1, quant_loss=quant,
                 pose_l1=float(sums["pose_abs"]) / (frames * 6),
                 expression_l1=float(sums["expression_abs"]) / (frames * 50),
                 pose_mse=float(sums["pose_sq"]) / (frames * 6),
                 expression_mse=float(sums["expression_sq"]) / (frames * 50),
+                # Squared error over the data variance, pooled over the stream (1 - R^2).
+                pose_unexplained=float(sums["pose_sq"]) / (frames * variance[POSE].sum()),
+                expression_unexplained=(float(sums["expression_sq"])
+                                        / (frames * variance[EXPRESSION].sum())),
                 codes_used=int((counts > 0).sum()),
                 codebook_usage=float((counts > 0).mean()),
                 perplexity=float(np.exp(-(nonzero * np.log(nonzero)).sum())),
