@@ -22,6 +22,9 @@ def run_vq(config, workdir: str) -> dict:
   """Trains a tokenizer, then evaluates its best checkpoint on the test split."""
   task = vq.VQTask.from_config(config)
   result = trainer.train_and_evaluate(config, workdir, task)
+  if result["preempted"]:
+    # SIGTERM: the checkpoint is saved; the same command resumes and finishes the phase.
+    return dict(phase="vq", role=config.role, step=result["step"], preempted=True)
   mesh = result["mesh"]
   params = result["state"]["params"]
   best = result["best_step"]

@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -115,6 +117,49 @@ def test_killed_run_resumes_exactly(data_dir, tmp_path):
         losses(tmp_path / "full", "val/loss")[6], abs=1e-6)
   # The resumed steps really depend on the data position: steps 5 and 6 differ.
   assert a[5] != a[6]
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
+  env = dict(os.environ, CI="1", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  cmd = [sys.executable, "-m", "dim_jax.main", "--config", "configs/vq_tiny.py",
+         f"--workdir={tmp_path}", f"--config.data.dir={data_dir}",
+         "--config.train.batch_size=8", "--config.train.eval_batch_size=8",
+         "--config.data.bucket_boundaries=(128,)", "--config.train.num_steps=100000",
+         "--config.train.log_every_steps=1", "--config.train.checkpoint_every_steps=100000",
+         "--config.train.eval_every_steps=100000"]
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  metrics = tmp_path / "metrics.jsonl"
+  try:
+    # Wait (bounded) until training is under way: the first logged step.
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and metrics.stat().st_size > 0):
+      assert proc.poll() is None, proc.stderr.read()[-3000:]
+      assert time.monotonic() < deadline, "training never started"
+      time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 0, stderr[-3000:]
+  saved = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), keep=3,
+                                     save_every=1).latest_step()
+  last_logged = max(losses(tmp_path))
+  assert saved == last_logged and 1 <= saved < 100000
+
+
+def test_checkpoints_keep_latest_and_best(tmp_path):
+  ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), keep=2, save_every=1)
+  val = {1: 5.0, 2: 1.0, 3: None, 4: 3.0, 5: None, 6: 4.0}
+  for step, loss in val.items():
+    ckpt.save(step, {"w": np.full(3, step, np.float32)}, meta={"step": step}, val_loss=loss)
+  ckpt.wait()
+  assert sorted(ckpt.manager.all_steps()) == [2, 5, 6]  # best (2) + latest two
+  assert ckpt.best_step() == 2
+  restored = ckpt.restore_state(2, {"w": np.zeros(3, np.float32)})
+  np.testing.assert_array_equal(np.asarray(restored["w"]), np.full(3, 2.0))
+  ckpt.close()
 
 
 def test_unknown_config_field_is_refused(data_dir, tmp_path):

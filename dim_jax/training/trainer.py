@@ -303,4 +303,5 @@ def train_and_evaluate(config, workdir: str, task) -> dict:
   ckpt.close()
   writer.close()
   return dict(val=val_metrics, step=int(jax.device_get(state["step"])),
-              best_step=ckpt.best_step(), state=state, mesh=mesh, compiled_eval=compiled_eval)
+              best_step=ckpt.best_step(), state=state, mesh=mesh, compiled_eval=compiled_eval,
+              preempted=preemption.requested)
