@@ -11,7 +11,7 @@ WORKDIR ?= runs/demo
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,parity]"
 	touch $(STAMP)
 
 venv: $(STAMP)
