@@ -30,8 +30,7 @@ def run_vq(config, workdir: str) -> dict:
   best = result["best_step"]
   if best is not None and best != result["step"]:
     # Restore the best (by validation) params onto the training shardings.
-    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1 << 30,
-                                      save_every=1)
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1 << 30)
     abstract = jax.eval_shape(lambda s: s, result["state"])
     shardings = jax.tree.map(lambda x: x.sharding, result["state"])
     params = ckpt.restore_state(best, checkpointing.abstract_with_shardings(abstract, shardings))["params"]

@@ -143,14 +143,13 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
     if proc.poll() is None:
       proc.kill()
   assert proc.returncode == 0, stderr[-3000:]
-  saved = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), keep=3,
-                                     save_every=1).latest_step()
+  saved = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), keep=3).latest_step()
   last_logged = max(losses(tmp_path))
   assert saved == last_logged and 1 <= saved < 100000
 
 
 def test_checkpoints_keep_latest_and_best(tmp_path):
-  ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), keep=2, save_every=1)
+  ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), keep=2)
   val = {1: 5.0, 2: 1.0, 3: None, 4: 3.0, 5: None, 6: 4.0}
   for step, loss in val.items():
     ckpt.save(step, {"w": np.full(3, step, np.float32)}, meta={"step": step}, val_loss=loss)
@@ -176,8 +175,7 @@ def test_workdir_with_another_models_checkpoint_is_refused(data_dir, tmp_path):
   with pytest.raises(checkpointing.CheckpointMismatchError, match="hidden_size"):
     phases.run(other, str(tmp_path))
   # Nothing was written over the original checkpoint.
-  assert checkpointing.Checkpointer(str(tmp_path / "checkpoints"), keep=3,
-                                    save_every=1).latest_step() == 1
+  assert checkpointing.Checkpointer(str(tmp_path / "checkpoints"), keep=3).latest_step() == 1
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path):

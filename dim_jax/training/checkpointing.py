@@ -110,7 +110,7 @@ def config_differences(expected: dict, found: dict, prefix: str = "") -> list[st
 class Checkpointer:
   """Owns the workdir's CheckpointManager; save/restore of state + iterator + meta."""
 
-  def __init__(self, directory: str, *, keep: int, save_every: int, async_save: bool = True):
+  def __init__(self, directory: str, *, keep: int, async_save: bool = True):
     self.directory = os.path.abspath(directory)
     self.staging = os.path.join(os.path.dirname(self.directory), ".staging")
     policy = checkpoint_managers.AnyPreservationPolicy([
@@ -123,7 +123,6 @@ class Checkpointer:
         best_fn=lambda m: m["val_loss"], best_mode="min",
         enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
-    self.save_every = save_every
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()

@@ -213,8 +213,7 @@ def train_and_evaluate(config, workdir: str, task) -> dict:
   repl = sharding_lib.replicated(mesh)
 
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                    keep=int(tc.keep_checkpoints),
-                                    save_every=int(tc.checkpoint_every_steps))
+                                    keep=int(tc.keep_checkpoints))
   meta = dict(task.model_meta(), config=json.loads(config.to_json_best_effort()))
   latest = ckpt.latest_step()
   train_iter = iter(train_ds)
