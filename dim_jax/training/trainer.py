@@ -228,9 +228,8 @@ def train_and_evaluate(config, workdir: str, task) -> dict:
           "workdir or the same config. Differences:\n  " + "\n  ".join(differences))
     state = ckpt.restore_state(
         latest, checkpointing.abstract_with_shardings(abstract_state, state_shardings))
-    if tc.data_state == "iterator" and ckpt.restore_iterator(latest, train_iter):
-      pass
-    else:
+    restored_iterator = tc.data_state == "iterator" and ckpt.restore_iterator(latest, train_iter)
+    if not restored_iterator:
       if tc.data_state == "iterator":
         logging.warning("no iterator state for this process; replaying the data pipeline")
       for _ in range(int(saved_meta.get("batches_consumed", latest))):
