@@ -174,6 +174,10 @@ def test_workdir_with_another_models_checkpoint_is_refused(data_dir, tmp_path):
   other.model.hidden_size = 48
   with pytest.raises(checkpointing.CheckpointMismatchError, match="hidden_size"):
     phases.run(other, str(tmp_path))
+  # Phase chaining reads the finished phase's params and meta back.
+  params, meta = checkpointing.load_params(str(tmp_path))
+  assert meta["step"] == 1 and meta["model"]["hidden_size"] == config.model.hidden_size
+  assert params["encoder"]["vertice_mapping"]["kernel"].shape == (56, config.model.hidden_size)
   # Nothing was written over the original checkpoint.
   assert checkpointing.Checkpointer(str(tmp_path / "checkpoints"), keep=3).latest_step() == 1
 

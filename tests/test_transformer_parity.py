@@ -40,6 +40,18 @@ def _init_shapes(model, *args):
   return jax.eval_shape(model.init, jax.random.PRNGKey(0), *args)["params"]
 
 
+def _check_tree_and_export(ours, torch_model, params, init):
+  """Same parameter count and tree as torch; the export reproduces its state_dict exactly."""
+  assert _n_params(init) == sum(p.numel() for p in torch_model.parameters())
+  assert jax.tree_util.tree_structure(init) == jax.tree_util.tree_structure(params)
+  assert all(a.shape == np.shape(b) for a, b in zip(jax.tree_util.tree_leaves(init),
+                                                    jax.tree_util.tree_leaves(params)))
+  tsd = torch_model.state_dict()
+  exported = ours.to_torch_state_dict(params)
+  assert set(exported) == set(tsd)
+  assert all(np.array_equal(exported[k], tsd[k].float().numpy()) for k in tsd)
+
+
 def _torch_encoder(dim_in):
   from x_transformers import ContinuousTransformerWrapper, Encoder
   torch.manual_seed(0)
@@ -85,15 +97,7 @@ def test_encoder_parity(causal, dim_in):
   assert diff < ATOL
 
   # Parameter count / tree shape / export round trip.
-  init = _init_shapes(ours, x, mask)
-  assert _n_params(init) == sum(p.numel() for p in tm.parameters())
-  assert jax.tree_util.tree_structure(init) == jax.tree_util.tree_structure(params)
-  assert all(a.shape == np.shape(b) for a, b in zip(jax.tree_util.tree_leaves(init),
-                                                    jax.tree_util.tree_leaves(params)))
-  tsd = tm.state_dict()
-  exported = ours.to_torch_state_dict(params)
-  assert set(exported) == set(tsd)
-  assert all(np.array_equal(exported[k], tsd[k].float().numpy()) for k in tsd)
+  _check_tree_and_export(ours, tm, params, _init_shapes(ours, x, mask))
 
 
 def test_encoder_without_padding_matches_per_sequence():
@@ -137,15 +141,7 @@ def test_decoder_parity(use_abs_pos_emb, with_token_mask):
         f"max|diff| logits = {diff:.2e}")
   assert diff < ATOL
 
-  init = _init_shapes(ours, tokens, context, cmask)
-  assert _n_params(init) == sum(p.numel() for p in tm.parameters())
-  assert jax.tree_util.tree_structure(init) == jax.tree_util.tree_structure(params)
-  assert all(a.shape == np.shape(b) for a, b in zip(jax.tree_util.tree_leaves(init),
-                                                    jax.tree_util.tree_leaves(params)))
-  tsd = tm.state_dict()
-  exported = ours.to_torch_state_dict(params)
-  assert set(exported) == set(tsd)
-  assert all(np.array_equal(exported[k], tsd[k].float().numpy()) for k in tsd)
+  _check_tree_and_export(ours, tm, params, _init_shapes(ours, tokens, context, cmask))
 
 
 def test_decoder_kv_cache_matches_full_forward():
