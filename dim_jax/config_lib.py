@@ -137,3 +137,122 @@ def shrink_to_tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   config.train.eval_every_steps = 200
   config.train.checkpoint_every_steps = 200
   return config
+
+
+# --- DIM phases ---------------------------------------------------------------------------
+
+DIM_PHASES = ("pretrain", "finetune_listener", "finetune_speaker")
+# Paper Table 3 rows as config edits (`ablation=` argument of configs/dim.py).
+ABLATIONS = ("none", "no_vq", "no_pretrain", "frozen_vq_decoder", "trainable_vq_decoder",
+             "no_contrastive", "single_stream")
+
+
+def dim_model_config(phase: str) -> ml_collections.ConfigDict:
+  """Official DIM sizes (seq2seq_pretrain.py SLM / SLMFT / SpeakerSLMFT)."""
+  model = ml_collections.ConfigDict()
+  model.motion_dim = 56
+  model.audio_dim = 768            # HuBERT features per frame.
+  model.dim = 384                  # role and joint encoders.
+  model.depth = 4
+  model.heads = 12                 # of width dim_head: attention inner width 768.
+  model.dim_head = 64
+  model.max_seq_len = 2048
+  model.num_tokens = 512           # must equal both VQ codebook sizes.
+  model.decoder_depth = 4          # joint decoder, width dim + audio_dim (1152).
+  model.decoder_heads = 12
+  # Learned decoder positions: official on in SLM and SpeakerSLMFT, off in SLMFT.
+  model.decoder_positions = phase != "finetune_listener"
+  model.decoding = "autoregressive"  # official; 'parallel' = the paper's masked decoding.
+  model.start = "ground_truth"     # official first input; 'start_token' needs no ground truth.
+  model.output = "tokens"          # 'continuous' = Table 3 "no VQ" regression head.
+  model.two_branch = True          # False = Table 3 "no speaker-listener two-branch".
+  model.num_identities = 0         # DIM-Speaker: 0 = zero listener context (official), 1 = learned.
+  model.compute_dtype = "float32"  # or 'bfloat16' (matmul inputs; f32 params and accumulation).
+  return model
+
+
+def dim_loss_config(phase: str) -> ml_collections.ConfigDict:
+  loss = ml_collections.ConfigDict()
+  loss.mask_ratio = 0.15           # pretrain: fraction of each role's valid frames masked.
+  loss.contrastive_weight = 1.0 if phase == "pretrain" else 0.0  # InfoNCE (pretrain only).
+  loss.contrastive_temperature = 0.05
+  loss.contrastive_bidirectional = False  # official: one direction.
+  loss.continuous_weight = 1.0     # pairwise-distance loss on VQ-decoded predictions.
+  # 'argmax' (official: the continuous loss reaches only the VQ decoders) or 'soft' (decode
+  # the softmax-weighted codebook so it also trains the transformer).
+  loss.decode = "argmax"
+  # AutoregressiveWrapper(mask_prob): official 0.15 in SLMFT, 0 elsewhere.
+  loss.decoder_key_mask_prob = 0.15 if phase == "finetune_listener" else 0.0
+  # VQ decoder(s) of the predicted role(s) trainable: official True in SLM and SpeakerSLMFT,
+  # False in SLMFT (the paper's full model unfreezes it: Table 3 "Dec_VQ").
+  loss.vq_decoder_trainable = phase != "finetune_listener"
+  loss.causal_encoders = True      # SLMFT encoders are causal (official).
+  return loss
+
+
+def dim_config(phase: str, ablation: str = "none") -> ml_collections.ConfigDict:
+  """Config of a DIM phase at official sizes; `ablation` applies one Table 3 row."""
+  if phase not in DIM_PHASES:
+    raise ValueError(f"phase={phase!r}; expected one of {DIM_PHASES}")
+  if ablation not in ABLATIONS:
+    raise ValueError(f"ablation={ablation!r}; expected one of {ABLATIONS}")
+  config = ml_collections.ConfigDict()
+  config.phase = phase
+  config.seed = 0
+  config.data = data_config()
+  config.model = dim_model_config(phase)
+  config.loss = dim_loss_config(phase)
+  config.train = train_config()
+  config.train.batch_size = 8
+  config.train.eval_batch_size = 8
+  config.train.learning_rate = 1e-5 if phase != "pretrain" else 1e-4
+  config.train.grad_clip_norm = 1.0  # official clip_grad_norm_(1.0) in the DIM loops.
+  config.mesh = mesh_config()
+  config.init = ml_collections.ConfigDict()
+  # Workdirs of earlier phases (their best checkpoint by validation loss is used).
+  config.init.speaker_vq = ""      # pretrain (and fine-tune without pretraining).
+  config.init.listener_vq = ""
+  config.init.pretrain = ""        # fine-tune phases; '' = no DIM pretraining (Table 3).
+  config.ablation = ablation
+  if ablation == "no_vq":
+    config.model.output = "continuous"
+    config.model.decoder_positions = True
+  elif ablation == "frozen_vq_decoder":
+    config.loss.vq_decoder_trainable = False
+  elif ablation == "trainable_vq_decoder":
+    config.loss.vq_decoder_trainable = True
+  elif ablation == "no_contrastive":
+    config.loss.contrastive_weight = 0.0
+  elif ablation == "single_stream":
+    config.model.two_branch = False
+    config.loss.contrastive_weight = 0.0  # Table 3: that row also drops L_c.
+  # 'no_pretrain' is a fine-tune with init.pretrain = '' (set by the caller).
+  return config
+
+
+def shrink_dim_to_tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """CPU-sized DIM for the demo and tests (same architecture, smaller widths)."""
+  config.model.dim = 64
+  config.model.depth = 2
+  config.model.heads = 4
+  config.model.dim_head = 16
+  config.model.max_seq_len = 256
+  config.model.num_tokens = 128    # = the tiny VQ codebook.
+  config.model.decoder_depth = 2
+  config.model.decoder_heads = 4
+  config.data.synthetic = True
+  config.data.max_len = 128
+  config.data.bucket_boundaries = (64, 128)
+  config.train.batch_size = 16
+  config.train.eval_batch_size = 16
+  config.train.data_state = "replay"
+  config.train.keep_checkpoints = 2
+  config.train.num_steps = 300
+  config.train.learning_rate = 1e-3
+  config.train.weight_decay = 0.0
+  config.train.schedule = "cosine"
+  config.train.warmup_steps = 20
+  config.train.log_every_steps = 20
+  config.train.eval_every_steps = 100
+  config.train.checkpoint_every_steps = 100
+  return config

@@ -7,15 +7,31 @@ import os
 
 import jax
 
-from dim_jax.training import checkpointing, trainer, vq
+from dim_jax.training import checkpointing, dim_tasks, trainer, vq
 
-PHASES = ("vq",)
+PHASES = ("vq", "pretrain", "finetune_listener", "finetune_speaker", "generate")
 
 
 def run(config, workdir: str) -> dict:
   if config.phase not in PHASES:
     raise ValueError(f"config.phase={config.phase!r} is not implemented; available: {PHASES}")
-  return run_vq(config, workdir)
+  if config.phase == "vq":
+    return run_vq(config, workdir)
+  if config.phase == "generate":
+    from dim_jax import generate  # pylint: disable=g-import-not-at-top
+    return generate.run_generate(config, workdir)
+  return run_dim(config, workdir)
+
+
+def run_dim(config, workdir: str) -> dict:
+  """Trains a DIM phase; its checkpoints (best by validation loss) feed the next phase."""
+  task = dim_tasks.DIMTask.from_config(config)
+  result = trainer.train_and_evaluate(config, workdir, task)
+  report = dict(phase=config.phase, step=result["step"], best_step=result["best_step"],
+                val=result["val"], preempted=result["preempted"])
+  if jax.process_index() == 0 and not result["preempted"]:
+    write_json_atomic(os.path.join(workdir, "report.json"), report)
+  return report
 
 
 def run_vq(config, workdir: str) -> dict:

@@ -395,6 +395,11 @@ class TokenDecoder(nn.Module):
     use_abs_pos_emb: DIM pretraining True, fine-tuning (SLMFT) False.
     dim_head: per-head width.
     dtype: matmul input dtype.
+    num_input_tokens: rows of the token embedding; None = `num_tokens` (x-transformers).
+      Ours adds rows for special input ids that are never predicted: a start token
+      (generation without ground truth) and a mask token (the paper's parallel decoding).
+    causal: causal self-attention (x-transformers `Decoder`); False for the paper's parallel
+      masked decoding, where every position sees every other.
   """
   num_tokens: int
   dim: int
@@ -404,6 +409,8 @@ class TokenDecoder(nn.Module):
   use_abs_pos_emb: bool = True
   dim_head: int = DEFAULT_DIM_HEAD
   dtype: Any = jnp.float32
+  num_input_tokens: Optional[int] = None
+  causal: bool = True
 
   @property
   def _has_pos(self) -> bool:
@@ -412,8 +419,11 @@ class TokenDecoder(nn.Module):
   def setup(self):
     # setup (not compact): `__call__` and `decode_step` share the same submodules.
     # torch init_(): kaiming_normal_ on the (num_tokens, dim) table -> std sqrt(2 / dim).
+    rows = self.num_input_tokens or self.num_tokens
+    if rows < self.num_tokens:
+      raise ValueError(f"num_input_tokens={rows} < num_tokens={self.num_tokens}")
     self.token_emb = self.param("token_emb", nn.initializers.normal(np.sqrt(2.0 / self.dim)),
-                                (self.num_tokens, self.dim), jnp.float32)
+                                (rows, self.dim), jnp.float32)
     if self._has_pos:
       self.pos_emb = self.param("pos_emb", nn.initializers.normal(1.0),
                                 (self.max_seq_len, self.dim), jnp.float32)
@@ -429,7 +439,8 @@ class TokenDecoder(nn.Module):
     return x
 
   def __call__(self, tokens: Array, context: Array, context_mask: Optional[Array] = None,
-               mask: Optional[Array] = None) -> Array:
+               mask: Optional[Array] = None, self_key_mask: Optional[Array] = None,
+               return_embeddings: bool = False) -> Array:
     """Teacher-forced logits.
 
     Args:
@@ -438,6 +449,10 @@ class TokenDecoder(nn.Module):
       context_mask: [B, M] bool, True = valid context frame; None = all valid.
       mask: [B, N] bool token validity (the official code passes none: AutoregressiveWrapper
         uses -100 targets instead); masks self-attention keys and zeroes padded query rows.
+      self_key_mask: [B, N] bool, overrides the self-attention key mask (x-transformers
+        `self_attn_kv_mask`, which AutoregressiveWrapper(mask_prob>0) uses to hide random
+        input tokens during fine-tuning).
+      return_embeddings: return the final-normed [B, N, dim] features instead of logits.
 
     Returns:
       [B, N, num_tokens] float32 logits.
@@ -445,7 +460,10 @@ class TokenDecoder(nn.Module):
     if tokens.shape[1] > self.max_seq_len and self._has_pos:
       raise ValueError(f"sequence length {tokens.shape[1]} > max_seq_len {self.max_seq_len}")
     x = self._embed(tokens)
-    x, _ = self.attn_layers(x, mask=mask, causal=True, context=context, context_mask=context_mask)
+    x, _ = self.attn_layers(x, mask=mask, causal=self.causal, context=context,
+                            context_mask=context_mask, self_key_mask=self_key_mask)
+    if return_embeddings:
+      return x
     return self.to_logits(x)
 
   def init_cache(self, batch: int, length: int, dtype: Any = jnp.float32) -> list[dict]:
@@ -458,7 +476,8 @@ class TokenDecoder(nn.Module):
     """Incremental decoding: logits for `tokens` placed at positions index..index+n-1.
 
     Equivalent to running `__call__` on the full prefix and keeping the last n rows (no
-    token mask, as in generation).  Call with `method=TokenDecoder.decode_step`.
+    token mask, as in generation).  Call with `method=TokenDecoder.decode_step`.  Only for
+    causal decoders.
 
     Args:
       tokens: [B, n] new token ids (usually n = 1).
@@ -469,6 +488,8 @@ class TokenDecoder(nn.Module):
     Returns:
       ([B, n, num_tokens] logits, updated cache).
     """
+    if not self.causal:
+      raise ValueError("decode_step needs a causal decoder (parallel decoding is one pass)")
     x = self._embed(tokens, index)
     length = cache[0]["k"].shape[2]
     # Keys beyond the written prefix are masked by causality (qpos offset by index).

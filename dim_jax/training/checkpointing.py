@@ -77,15 +77,15 @@ def stage_iterator(iterator, staging_root: str) -> str:
 
 # --- tree comparison (clear errors instead of Orbax stack traces) ------------------------
 
-def _path_str(path) -> str:
+def path_str(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 def tree_mismatches(expected: PyTree, found: PyTree) -> list[str]:
   """Lists paths missing, unexpected or of a different shape between two trees of arrays."""
-  exp = {_path_str(p): tuple(np.shape(v) if not hasattr(v, "shape") else v.shape)
+  exp = {path_str(p): tuple(np.shape(v) if not hasattr(v, "shape") else v.shape)
          for p, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
-  got = {_path_str(p): tuple(np.shape(v) if not hasattr(v, "shape") else v.shape)
+  got = {path_str(p): tuple(np.shape(v) if not hasattr(v, "shape") else v.shape)
          for p, v in jax.tree_util.tree_flatten_with_path(found)[0]}
   problems = [f"missing in checkpoint: {k} {exp[k]}" for k in sorted(exp.keys() - got.keys())]
   problems += [f"not in model: {k} {got[k]}" for k in sorted(got.keys() - exp.keys())]
@@ -181,23 +181,41 @@ def abstract_with_shardings(tree: PyTree, shardings: PyTree) -> PyTree:
                       tree, shardings)
 
 
-def load_params(workdir: str, step: Optional[str] = "best") -> tuple[PyTree, dict]:
-  """Reads the params (host numpy) and meta of a finished phase's checkpoint.
-
-  Used to chain phases (VQ -> pretrain -> fine-tune) and by evaluation/export; a missing
-  checkpoint is a clear error naming the directory.
-  """
+def _read_only_manager(workdir: str) -> tuple[ocp.CheckpointManager, str]:
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"no checkpoints under {directory}")
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      read_only=True, best_fn=lambda m: m["val_loss"], best_mode="min"))
+    raise FileNotFoundError(f"no checkpoints under {directory} (has that phase run?)")
+  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      read_only=True, best_fn=lambda m: m["val_loss"], best_mode="min")), directory
+
+
+def _choose_step(manager, directory: str, step) -> int:
   chosen = manager.best_step() if step == "best" else (
       manager.latest_step() if step in (None, "latest") else int(step))
   if chosen is None:
     chosen = manager.latest_step()
   if chosen is None:
     raise FileNotFoundError(f"no committed checkpoint under {directory}")
+  return chosen
+
+
+def load_meta(workdir: str, step: Optional[str] = "best") -> dict:
+  """The meta JSON (phase, model configs, run config) of a finished phase's checkpoint."""
+  manager, directory = _read_only_manager(workdir)
+  chosen = _choose_step(manager, directory, step)
+  meta = manager.restore(chosen, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  manager.close()
+  return dict(meta, step=chosen)
+
+
+def load_params(workdir: str, step: Optional[str] = "best") -> tuple[PyTree, dict]:
+  """Reads the params (host numpy) and meta of a finished phase's checkpoint.
+
+  Used to chain phases (VQ -> pretrain -> fine-tune) and by evaluation/export; a missing
+  checkpoint is a clear error naming the directory.
+  """
+  manager, directory = _read_only_manager(workdir)
+  chosen = _choose_step(manager, directory, step)
   restored = manager.restore(chosen, args=ocp.args.Composite(
       state=ocp.args.PyTreeRestore(), meta=ocp.args.JsonRestore()))
   manager.close()

@@ -35,7 +35,7 @@ class NonFiniteLossError(FloatingPointError):
 
 # --- pure step functions ----------------------------------------------------------------
 
-def make_optimizer(train_config) -> optax.GradientTransformation:
+def make_optimizer(train_config, trainable: Optional[PyTree] = None) -> optax.GradientTransformation:
   """AdamW (official: lr 1e-4, torch defaults b1 .9, b2 .999, eps 1e-8, weight decay .01)."""
   lr = float(train_config.learning_rate)
   warmup = int(train_config.warmup_steps)
@@ -53,16 +53,28 @@ def make_optimizer(train_config) -> optax.GradientTransformation:
   parts.append(optax.adamw(schedule, b1=float(train_config.b1), b2=float(train_config.b2),
                            eps=float(train_config.eps),
                            weight_decay=float(train_config.weight_decay)))
-  return optax.chain(*parts)
+  optimizer = optax.chain(*parts)
+  if trainable is None:
+    return optimizer
+  # Frozen leaves get no optimizer state and no update (weight decay would move them);
+  # `train_step` also keeps their old values so they stay bit-identical.
+  labels = jax.tree.map(lambda t: "train" if t else "freeze", trainable)
+  return optax.multi_transform({"train": optimizer, "freeze": optax.set_to_zero()}, labels)
 
 
-def train_step(state: dict, batch: dict, *, task, optimizer) -> tuple[dict, dict]:
+def train_step(state: dict, batch: dict, *, task, optimizer,
+               trainable: Optional[PyTree] = None) -> tuple[dict, dict]:
   """One optimizer step; the step's rng is `fold_in(state.rng, step)` so resume replays it."""
   rng = jax.random.fold_in(state["rng"], state["step"])
   grad_fn = jax.value_and_grad(task.loss_fn, has_aux=True)
   (loss, metrics), grads = grad_fn(state["params"], batch, rng)
+  if trainable is not None:
+    grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable)
   updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
+  if trainable is not None:
+    params = jax.tree.map(lambda new, old, t: new if t else old, params, state["params"],
+                          trainable)
   metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
                  param_norm=optax.tree.norm(params))
   new_state = dict(step=state["step"] + 1, params=params, opt_state=opt_state, rng=state["rng"])
@@ -197,10 +209,14 @@ def train_and_evaluate(config, workdir: str, task) -> dict:
 
   if tc.data_state not in ("iterator", "replay"):
     raise ValueError(f"train.data_state={tc.data_state!r}; expected 'iterator' or 'replay'")
-  optimizer = make_optimizer(tc)
   root = jax.random.PRNGKey(int(config.seed))
   init_rng, train_rng = jax.random.split(root)
   dummy = sharding_lib.to_global_batch(_dummy_batch(local_batch), mesh)
+  trainable = None
+  if hasattr(task, "trainable_mask"):
+    abstract_params = jax.eval_shape(lambda r: task.init_params(r, dummy), init_rng)
+    trainable = task.trainable_mask(abstract_params)
+  optimizer = make_optimizer(tc, trainable)
 
   def init_state(rng):
     params = task.init_params(rng, dummy)
@@ -237,11 +253,18 @@ def train_and_evaluate(config, workdir: str, task) -> dict:
     logging.info("resumed from %s at step %d", workdir, latest)
   else:
     state = jax.jit(init_state, out_shardings=state_shardings)(init_rng)
+    if hasattr(task, "pretrained_params"):
+      # Earlier phases' params (host arrays) placed onto this run's shardings.
+      grafted = task.pretrained_params(jax.eval_shape(lambda p: p, state["params"]))
+      state["params"] = jax.tree_util.tree_map_with_path(
+          lambda path, leaf: (jax.device_put(grafted[checkpointing.path_str(path)], leaf.sharding)
+                              if checkpointing.path_str(path) in grafted else leaf),
+          state["params"])
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state["params"]))
     logging.info("initialised %s: %.2fM parameters", task.name, n_params / 1e6)
 
   compiled_train = jax.jit(
-      functools.partial(train_step, task=task, optimizer=optimizer),
+      functools.partial(train_step, task=task, optimizer=optimizer, trainable=trainable),
       in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, repl),
       donate_argnums=0)
   compiled_eval = jax.jit(functools.partial(eval_step, task=task),

@@ -1,0 +1,352 @@
+"""Autoregressive token sampling for DIM (x-transformers 1.30.16 `generate` semantics).
+
+The official DIM code samples motion tokens with x-transformers'
+`AutoregressiveWrapper.generate(prompts, seq_len, temperature=1., filter_logits_fn=top_k)`,
+i.e. `top_k(logits, frac_num_tokens=0.1)` (k = ceil(0.1 * 512) = 52 of the 512 codes), then
+`softmax(filtered / temperature)` and `torch.multinomial`.  This module reproduces that in
+JAX:
+
+* `filter_logits` = x-transformers `top_k` followed by `top_p` (each optional):
+  - top_k keeps exactly k logits (`torch.topk` then scatter into a -inf row; k =
+    `ceil(frac * vocab)` computed in Python floats, as x-transformers, capped at vocab);
+  - top_p sorts descending, takes the cumulative softmax, removes entries whose cumulative
+    probability is > threshold *shifted right by one* (so the first token that crosses the
+    threshold is kept, and the top token always survives), and writes -inf elsewhere.
+  x-transformers' `generate` only takes one filter function; applying top-k then top-p when
+  both are set is our extension (the top-p softmax then runs on the top-k-filtered row).
+* `sample_next`: temperature 0 is greedy `argmax` of the *unfiltered* logits (x-transformers
+  skips the filter when greedy); otherwise a categorical draw from `filtered / temperature`.
+  `jax.random.categorical` (Gumbel-max) and `torch.multinomial` draw from the same
+  distribution, not the same numbers: samples match torch in law only.
+* `generate_tokens`: the loop of `generate` with a self-attention KV cache, as one
+  `jax.lax.scan`.  Position 0 holds `first_tokens` (the official code prompts with the
+  ground-truth first token; a model trained with a start token uses its id instead, which
+  may be >= num_tokens when `TokenDecoder.num_input_tokens` has extra rows); positions
+  1..length-1 are sampled one at a time, step t feeding token t-1 at index t-1 through
+  `TokenDecoder.decode_step` and drawing with `jax.random.fold_in(rng, t)`.  The returned
+  sequence includes position 0 (x-transformers returns only the new tokens: drop column 0 to
+  get that).  No eos handling (DIM generates fixed-length sequences).
+* `generate_tokens_uncached`: the same loop recomputing the whole (causal) prefix with
+  `TokenDecoder.__call__` every step; the slow reference used by tests.
+
+Jitting: `decoder` (a Flax module, hashable), `length` and `sampling` (a frozen dataclass)
+must be static.  Either `jax.jit(functools.partial(generate_tokens, decoder, length=L,
+sampling=s))` or `make_generate_fn(decoder, L, s)`, whose functions share one module-level
+jit cache (equal settings and shapes compile once per process).
+
+Several samples per input: `repeat_for_samples(inputs, n)` puts n copies of every row in one
+batch (row b*n + k is sample k of input b); all rows get independent noise because the
+categorical draw is over the whole [B*n, V] array; `split_samples` reshapes the result to
+[B, n, ...].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How to draw each token (hashable: usable as a static jit argument).
+
+  Attributes:
+    temperature: softmax temperature; 0 = greedy argmax (x-transformers `temperature == 0.`).
+    top_k: keep the k largest logits; 0 = off (then `top_k_fraction` applies).
+    top_k_fraction: x-transformers `top_k(frac_num_tokens=...)`: k = ceil(frac * vocab),
+      used when `top_k == 0`; 0 = off.  The official DIM setting is 0.1.
+    top_p: nucleus threshold in (0, 1] applied after top-k; 0 = off.
+  """
+  temperature: float = 1.0
+  top_k: int = 0
+  top_k_fraction: float = 0.1
+  top_p: float = 0.0
+
+  def __post_init__(self):
+    _check_finite("temperature", self.temperature)
+    if self.temperature < 0:
+      raise ValueError(f"sampling.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+    if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)):
+      raise ValueError(f"sampling.top_k must be an integer count, got {self.top_k!r}")
+    if self.top_k < 0:
+      raise ValueError(f"sampling.top_k must be >= 0 (0 = off), got {self.top_k}")
+    _check_finite("top_k_fraction", self.top_k_fraction)
+    if not 0.0 <= self.top_k_fraction <= 1.0:
+      raise ValueError(f"sampling.top_k_fraction must be in [0, 1] (0 = off), got "
+                       f"{self.top_k_fraction}")
+    _check_finite("top_p", self.top_p)
+    if not 0.0 <= self.top_p <= 1.0:
+      raise ValueError(f"sampling.top_p must be in [0, 1] (0 = off), got {self.top_p}")
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0.0
+
+  def num_kept(self, vocab: int) -> Optional[int]:
+    """k used by the top-k filter for a vocabulary of `vocab`, or None when off."""
+    if self.top_k > 0:
+      k = int(self.top_k)
+    elif self.top_k_fraction > 0:
+      # Python float product, exactly as x-transformers (ceil(0.1 * 30) == 4, not 3).
+      k = math.ceil(self.top_k_fraction * vocab)
+    else:
+      return None
+    return min(k, vocab)
+
+  @classmethod
+  def from_config(cls, cfg: Any) -> "SamplingConfig":
+    """Builds from an `ml_collections.ConfigDict` (or mapping) with the field names.
+
+    Missing fields keep their defaults; unknown keys raise ValueError (catches typos such
+    as `topk`).  Values are validated by `__post_init__`.
+    """
+    items = dict(cfg.items()) if hasattr(cfg, "items") else dict(cfg)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(items) - names)
+    if unknown:
+      raise ValueError(f"unknown sampling config field(s) {unknown}; known: {sorted(names)}")
+    kwargs = {}
+    for name in ("temperature", "top_k_fraction", "top_p"):
+      if name in items:
+        kwargs[name] = _as_float(name, items[name])
+    if "top_k" in items:
+      v = items["top_k"]
+      # Accept integral floats (e.g. from a command-line override) but nothing fractional.
+      if isinstance(v, (float, np.floating)) and float(v).is_integer():
+        v = int(v)
+      kwargs["top_k"] = v
+    return cls(**kwargs)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def _check_finite(name: str, value: Any) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+    raise ValueError(f"sampling.{name} must be a number, got {value!r}")
+  if not math.isfinite(value):
+    raise ValueError(f"sampling.{name} must be finite, got {value}")
+
+
+def _as_float(name: str, value: Any) -> float:
+  _check_finite(name, value)
+  return float(value)
+
+
+def sampling_config() -> "ml_collections.ConfigDict":  # noqa: F821
+  """The official defaults as a ConfigDict (for config files): temperature 1, top-k 10%."""
+  import ml_collections  # local: keep this module importable without it.
+  return ml_collections.ConfigDict(SamplingConfig().to_dict())
+
+
+# Filtering.
+
+
+def _scatter_rows(values: Array, indices: Array, fill: float, vocab: int) -> Array:
+  """[B, k] values at [B, k] column indices of a [B, vocab] row filled with `fill`."""
+  rows = jnp.arange(values.shape[0])[:, None]
+  out = jnp.full((values.shape[0], vocab), fill, values.dtype)
+  return out.at[rows, indices].set(values)
+
+
+def top_k_filter(logits: Array, k: int) -> Array:
+  """x-transformers `top_k(logits, k=k)`: exactly k entries kept (ties broken by index)."""
+  vocab = logits.shape[-1]
+  k = min(int(k), vocab)
+  values, indices = jax.lax.top_k(logits, k)
+  return _scatter_rows(values, indices, -jnp.inf, vocab)
+
+
+def top_p_filter(logits: Array, thres: float) -> Array:
+  """x-transformers `top_p(logits, thres)`: smallest descending prefix with mass > thres."""
+  vocab = logits.shape[-1]
+  # top_k over the whole row = a descending sort that also returns the permutation.
+  sorted_logits, sorted_idx = jax.lax.top_k(logits, vocab)
+  cum_probs = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+  remove = cum_probs > thres
+  # F.pad(remove, (1, -1), value=False): shift right, so the first entry past the threshold
+  # (and always the top entry) is kept.
+  remove = jnp.concatenate([jnp.zeros_like(remove[:, :1]), remove[:, :-1]], axis=-1)
+  sorted_logits = jnp.where(remove, -jnp.inf, sorted_logits)
+  return _scatter_rows(sorted_logits, sorted_idx, -jnp.inf, vocab)
+
+
+def filter_logits(logits: Array, sampling: SamplingConfig) -> Array:
+  """Top-k (count or fraction) then top-p; removed entries are -inf.
+
+  Args:
+    logits: [B, V] float.
+    sampling: which filters are on.
+
+  Returns:
+    [B, V] float32 (unchanged values where kept).
+  """
+  logits = logits.astype(jnp.float32)
+  k = sampling.num_kept(logits.shape[-1])
+  if k is not None:
+    logits = top_k_filter(logits, k)
+  if sampling.top_p > 0:
+    logits = top_p_filter(logits, sampling.top_p)
+  return logits
+
+
+def sample_next(rng: Array, logits: Array, sampling: SamplingConfig) -> Array:
+  """One token per row: [B, V] logits -> [B] int32.
+
+  Greedy (`temperature == 0`) takes the argmax of the raw logits, as x-transformers (no
+  filter); otherwise draws from softmax(filter_logits(logits) / temperature).
+  """
+  if sampling.greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  filtered = filter_logits(logits, sampling)
+  return jax.random.categorical(rng, filtered / sampling.temperature, axis=-1).astype(jnp.int32)
+
+
+# Generation.
+
+
+def _check_generate_args(decoder: Any, first_tokens: Array, length: int) -> None:
+  if not isinstance(length, (int, np.integer)) or length < 1:
+    raise ValueError(f"length must be a positive int (static), got {length!r}")
+  if length > decoder.max_seq_len:
+    # With absolute positions the table would be read out of range (dynamic_slice clamps
+    # silently); without them x-transformers would slide a max_seq_len window, which we do
+    # not implement.
+    raise ValueError(f"length {length} > decoder.max_seq_len {decoder.max_seq_len}")
+  if not getattr(decoder, "causal", True):
+    raise ValueError("autoregressive generation needs a causal decoder")
+  if first_tokens.ndim != 1:
+    raise ValueError(f"first_tokens must be [B], got shape {first_tokens.shape}")
+
+
+def generate_tokens(decoder: Any, decoder_params: Any, *, first_tokens: Array, length: int,
+                    context: Array, context_mask: Optional[Array], rng: Array,
+                    sampling: SamplingConfig) -> Array:
+  """Samples a [B, length] token sequence with a KV cache (one `lax.scan`).
+
+  Args:
+    decoder: a causal `TokenDecoder` (static under jit).
+    decoder_params: its params, either the inner tree or {'params': tree}.
+    first_tokens: [B] int, token at position 0 (ground-truth first code or start-token id).
+    length: total sequence length including position 0 (static).
+    context: [B, M, dim] cross-attention memory.
+    context_mask: [B, M] bool (True = valid frame) or None.
+    rng: PRNG key; position t (1 <= t < length) is drawn with `fold_in(rng, t)`.
+    sampling: `SamplingConfig` (static).
+
+  Returns:
+    [B, length] int32; column 0 is `first_tokens`.
+  """
+  _check_generate_args(decoder, first_tokens, length)
+  first_tokens = first_tokens.astype(jnp.int32)
+  if length == 1:
+    return first_tokens[:, None]
+  variables = _variables(decoder_params)
+  batch = first_tokens.shape[0]
+  # Only positions 0..length-2 are ever fed, so the cache needs length-1 slots.
+  cache = decoder.init_cache(batch, length - 1)
+
+  def step(carry, t):
+    cache, prev = carry
+    logits, cache = decoder.apply(variables, prev[:, None], t - 1, cache, context, context_mask,
+                                  method=type(decoder).decode_step)
+    token = sample_next(jax.random.fold_in(rng, t), logits[:, -1], sampling)
+    return (cache, token), token
+
+  steps = jnp.arange(1, length, dtype=jnp.int32)
+  _, tokens = jax.lax.scan(step, (cache, first_tokens), steps)
+  return jnp.concatenate([first_tokens[:, None], tokens.T], axis=1)
+
+
+def generate_tokens_uncached(decoder: Any, decoder_params: Any, *, first_tokens: Array,
+                             length: int, context: Array, context_mask: Optional[Array],
+                             rng: Array, sampling: SamplingConfig) -> Array:
+  """Reference for `generate_tokens` without a cache (same arguments and result).
+
+  Every step runs the teacher-forced `__call__` on the whole fixed-size [B, length] buffer
+  and reads the logits at position t-1; causality makes the not-yet-written slots (zeros)
+  irrelevant.  O(length) full passes: for tests and as the documented slow path.
+  """
+  _check_generate_args(decoder, first_tokens, length)
+  first_tokens = first_tokens.astype(jnp.int32)
+  variables = _variables(decoder_params)
+  buf = jnp.zeros((first_tokens.shape[0], length), jnp.int32).at[:, 0].set(first_tokens)
+
+  def body(t, buf):
+    logits = decoder.apply(variables, buf, context, context_mask)
+    prev_logits = jax.lax.dynamic_index_in_dim(logits, t - 1, axis=1, keepdims=False)
+    token = sample_next(jax.random.fold_in(rng, t), prev_logits, sampling)
+    return jax.lax.dynamic_update_index_in_dim(buf, token, t, axis=1)
+
+  return jax.lax.fori_loop(1, length, body, buf)
+
+
+# Module-level jits: the compilation cache is keyed on the static (decoder, length,
+# sampling), so every `make_generate_fn` with equal settings reuses one executable.
+_STATIC = dict(static_argnums=(0,), static_argnames=("length", "sampling"))
+_generate_jit = jax.jit(generate_tokens, **_STATIC)
+_generate_uncached_jit = jax.jit(generate_tokens_uncached, **_STATIC)
+
+
+def make_generate_fn(decoder: Any, length: int, sampling: SamplingConfig, *,
+                     cached: bool = True) -> Callable[..., Array]:
+  """Jitted `fn(decoder_params, first_tokens, context, context_mask, rng) -> [B, length]`.
+
+  Compiled once per (decoder, length, sampling, input shapes), shared across calls of
+  `make_generate_fn`; `cached=False` gives the uncached reference.
+  """
+  impl = _generate_jit if cached else _generate_uncached_jit
+
+  def fn(decoder_params, first_tokens, context, context_mask, rng):
+    return impl(decoder, decoder_params, first_tokens=first_tokens, length=length,
+                context=context, context_mask=context_mask, rng=rng, sampling=sampling)
+
+  return fn
+
+
+def _variables(params: Any) -> Mapping[str, Any]:
+  """Accepts the inner param tree or a full variables dict."""
+  if isinstance(params, Mapping) and set(params) == {"params"}:
+    return params
+  return {"params": params}
+
+
+# Several samples per input.
+
+
+def repeat_for_samples(tree: Any, num_samples: int) -> Any:
+  """Repeats every leaf num_samples times along axis 0 (row b*n + k = sample k of input b).
+
+  NumPy leaves stay NumPy; everything else goes through `jnp.repeat`.  None leaves (e.g. a
+  missing mask) pass through.
+  """
+  if num_samples < 1:
+    raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+
+  def rep(x):
+    if isinstance(x, np.ndarray):
+      return np.repeat(x, num_samples, axis=0)
+    return jnp.repeat(x, num_samples, axis=0)
+
+  return jax.tree_util.tree_map(rep, tree)
+
+
+def split_samples(x: Array, num_samples: int) -> Array:
+  """[B * n, ...] -> [B, n, ...], inverse layout of `repeat_for_samples`."""
+  if x.shape[0] % num_samples:
+    raise ValueError(f"leading dim {x.shape[0]} not divisible by num_samples {num_samples}")
+  return x.reshape((x.shape[0] // num_samples, num_samples) + x.shape[1:])
+
+
+__all__ = [
+    "SamplingConfig", "sampling_config", "filter_logits", "top_k_filter", "top_p_filter",
+    "sample_next", "generate_tokens", "generate_tokens_uncached", "make_generate_fn",
+    "repeat_for_samples", "split_samples",
+]

@@ -1,0 +1,456 @@
+"""Phases `pretrain`, `finetune_listener`, `finetune_speaker`: DIM's losses as pure functions.
+
+Each task plugs into the generic trainer (`training/trainer.py`): `init_params`, `loss_fn`,
+`eval_sums`, `finalize_eval`, plus `trainable_mask` (frozen parameters get no update and stay
+bit-identical) and `pretrained_params` (the earlier phase's checkpoint grafted in after init).
+
+The param tree is {'dim': DIM params, 'speaker_vq': VQVAE params, 'listener_vq': VQVAE params};
+the tokenizers' encoders and codebooks are always frozen, their decoders per config.
+
+Official semantics (seq2seq_pretrain.py) and where we differ, one line each:
+  * Tokens come from the frozen VQ encoders in one batched call (official: a per-sample loop,
+    tokenizing with dropout on because `model.train()` undoes `.eval()`; ours: eval mode).
+  * Masking: floor(mask_ratio x valid length) distinct valid frames per sequence and role
+    (official `random_masking_unstructured`), drawn in one vectorised call.
+  * InfoNCE over the whole global batch (official: per DataParallel replica).
+  * Teacher forcing as `AutoregressiveWrapper`: input = targets[:-1] with ignored (-100)
+    positions replaced by token 0, target = targets[1:], mean CE over non-ignored targets.
+  * Fine-tune decoder key masking (`AutoregressiveWrapper(mask_prob=0.15)`): official draws
+    int(padded length x p) keys; ours int(valid length x p) among valid keys, never key 0.
+  * Continuous loss: mean pairwise L2 distance (torch `pairwise_distance`, eps 1e-6) over the
+    frames whose tokens are predicted, pose and expression separately, summed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dim_jax.models import dim as dim_lib
+from dim_jax.models import vqvae
+from dim_jax.training import checkpointing
+
+POSE = slice(0, 6)
+EXPRESSION = slice(6, 56)
+IGNORE = -100
+PHASES = ("pretrain", "finetune_listener", "finetune_speaker")
+PAIRWISE_EPS = 1e-6  # torch.nn.functional.pairwise_distance default.
+
+
+# --- pure helpers (tested directly) -----------------------------------------------------
+
+def random_frame_mask(rng: jax.Array, mask: jax.Array, ratio: float) -> jax.Array:
+  """[B, T] bool: exactly floor(ratio * valid_length) distinct valid frames per row.
+
+  Uniform random scores on valid frames (+inf on padding), ranked per row: the lowest
+  `count` ranks are chosen, so padding is never chosen and the count is exact.
+  """
+  scores = jnp.where(mask, jax.random.uniform(rng, mask.shape), jnp.inf)
+  ranks = jnp.argsort(jnp.argsort(scores, axis=1), axis=1)
+  count = jnp.floor(mask.sum(axis=1) * ratio).astype(jnp.int32)
+  return (ranks < count[:, None]) & mask
+
+
+def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean over axis 1 of [B, T, D] using only frames where mask [B, T] is True."""
+  w = mask[..., None].astype(jnp.float32)
+  return (x * w).sum(axis=1) / jnp.maximum(w.sum(axis=1), 1.0)
+
+
+def info_nce(speaker_features: jax.Array, listener_features: jax.Array, mask: jax.Array,
+             example_valid: jax.Array, temperature: float, bidirectional: bool):
+  """InfoNCE on time-mean-pooled, L2-normalised role features (official `forward_contrastive`).
+
+  total[i, j] = <s_i, l_j> / temperature.  One direction (official default):
+  -mean_j log_softmax(total, axis=0)[j, j] (for each listener, pick its speaker); the other
+  direction uses axis 1; bidirectional averages both.  Rows of `example_valid` False (filler
+  examples) are neither positives nor negatives.
+
+  Returns:
+    (loss, accuracy) scalars.
+  """
+  s = masked_mean(speaker_features, mask)
+  l = masked_mean(listener_features, mask)
+  normalize = lambda v: v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+  total = normalize(s) @ normalize(l).T / temperature
+  pair_ok = example_valid[:, None] & example_valid[None, :]
+  total = jnp.where(pair_ok, total, -jnp.inf)
+  n = jnp.maximum(example_valid.sum(), 1)
+  eye = jnp.eye(total.shape[0], dtype=bool)
+
+  def one_way(logits):  # softmax over axis 0 (columns are the anchors)
+    logp = jax.nn.log_softmax(logits, axis=0)
+    diag = jnp.where(example_valid, jnp.sum(jnp.where(eye, logp, 0.0), axis=0), 0.0)
+    correct = (jnp.argmax(logits, axis=0) == jnp.arange(logits.shape[0])) & example_valid
+    return -diag.sum() / n, correct.sum() / n
+
+  loss, acc = one_way(total)
+  if bidirectional:
+    loss2, acc2 = one_way(total.T)
+    loss, acc = (loss + loss2) / 2, (acc + acc2) / 2
+  return loss, acc
+
+
+def teacher_forcing(targets: jax.Array, start_token: Optional[int]):
+  """AutoregressiveWrapper's shift: (decoder inputs, targets) from [B, T] targets (-100 = ignore).
+
+  Without a start token (official): inputs targets[:, :-1] with -100 -> 0 (a real code, as
+  officially), targets targets[:, 1:] (T-1 predictions for frames 1..T-1).  With a start
+  token: inputs [start, targets[:, :-1]], targets all T frames.
+  """
+  inputs = jnp.where(targets == IGNORE, 0, targets)
+  if start_token is None:
+    return inputs[:, :-1], targets[:, 1:]
+  start = jnp.full(targets[:, :1].shape, start_token, targets.dtype)
+  return jnp.concatenate([start, inputs[:, :-1]], axis=1), targets
+
+
+def cross_entropy_sums(logits: jax.Array, targets: jax.Array):
+  """(sum of CE over non-ignored targets, their count, correct argmax count)."""
+  valid = targets != IGNORE
+  safe = jnp.where(valid, targets, 0)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+  correct = (jnp.argmax(logits, axis=-1) == safe) & valid
+  return jnp.sum(jnp.where(valid, nll, 0.0)), valid.sum(), correct.sum()
+
+
+def pairwise_distance_sums(pred: jax.Array, target: jax.Array, frames: jax.Array):
+  """(sum of pose distances, sum of expression distances, frame count) over `frames`."""
+  diff = pred - target + PAIRWISE_EPS
+  w = frames.astype(jnp.float32)
+  pose = jnp.sqrt(jnp.sum(jnp.square(diff[..., POSE]), axis=-1))
+  expression = jnp.sqrt(jnp.sum(jnp.square(diff[..., EXPRESSION]), axis=-1))
+  return (pose * w).sum(), (expression * w).sum(), w.sum()
+
+
+def decoder_key_mask(rng: jax.Array, valid: jax.Array, prob: float) -> Optional[jax.Array]:
+  """Fine-tune regulariser: hide int(valid_len * prob) random decoder keys, never key 0."""
+  if prob <= 0:
+    return None
+  eligible = valid.at[:, 0].set(False)
+  count = jnp.floor(valid.sum(axis=1) * prob).astype(jnp.int32)
+  scores = jnp.where(eligible, jax.random.uniform(rng, valid.shape), jnp.inf)
+  ranks = jnp.argsort(jnp.argsort(scores, axis=1), axis=1)
+  hidden = (ranks < count[:, None]) & eligible
+  return valid & ~hidden
+
+
+# --- options ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class LossOptions:
+  """Loss switches of the DIM phases (config `loss.*`, documented in config_lib)."""
+  mask_ratio: float = 0.15
+  contrastive_weight: float = 1.0
+  contrastive_temperature: float = 0.05
+  contrastive_bidirectional: bool = False
+  continuous_weight: float = 1.0
+  decode: str = "argmax"
+  decoder_key_mask_prob: float = 0.0
+  vq_decoder_trainable: bool = True
+  causal_encoders: bool = True
+
+  def __post_init__(self):
+    if self.decode not in ("argmax", "soft"):
+      raise ValueError(f"loss.decode={self.decode!r}; expected 'argmax' or 'soft'")
+    if not 0.0 <= self.mask_ratio < 1.0:
+      raise ValueError(f"loss.mask_ratio={self.mask_ratio}; expected 0 <= ratio < 1")
+
+
+def _flatten(tree) -> dict[str, Any]:
+  return {checkpointing.path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+# --- the task ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class DIMTask:
+  """Pure functions of one DIM phase; the generic trainer jits and shards them."""
+  name: str
+  model: dim_lib.DIM
+  speaker_vq: vqvae.VQVAE
+  listener_vq: vqvae.VQVAE
+  options: LossOptions
+  init_sources: tuple = ()   # ((subtree, workdir), ...) restored after init, in order.
+
+  # -- construction --
+
+  @classmethod
+  def from_config(cls, config) -> "DIMTask":
+    phase = config.phase
+    if phase not in PHASES:
+      raise ValueError(f"config.phase={phase!r}; expected one of {PHASES}")
+    init = config.init
+    if phase == "pretrain" or not init.pretrain:
+      if not (init.speaker_vq and init.listener_vq):
+        raise ValueError(f"phase {phase}: set init.speaker_vq and init.listener_vq to the "
+                         "workdirs of the two `vq` phases" + (
+                             "" if phase == "pretrain" else " (or init.pretrain)"))
+      speaker_meta = checkpointing.load_meta(init.speaker_vq)
+      listener_meta = checkpointing.load_meta(init.listener_vq)
+      for meta, role, workdir in ((speaker_meta, "speaker", init.speaker_vq),
+                                  (listener_meta, "listener", init.listener_vq)):
+        if meta.get("phase") != "vq":
+          raise checkpointing.CheckpointMismatchError(
+              f"init.{role}_vq={workdir} holds a {meta.get('phase')!r} checkpoint, not a VQ-VAE")
+        if meta.get("role") != role:
+          logging.warning("init.%s_vq=%s was trained on the %s role", role, workdir,
+                          meta.get("role"))
+      speaker_vq_cfg, listener_vq_cfg = speaker_meta["model"], listener_meta["model"]
+      sources = (("speaker_vq", init.speaker_vq), ("listener_vq", init.listener_vq))
+    else:
+      meta = checkpointing.load_meta(init.pretrain)
+      if meta.get("phase") != "pretrain":
+        raise checkpointing.CheckpointMismatchError(
+            f"init.pretrain={init.pretrain} holds a {meta.get('phase')!r} checkpoint, not "
+            "a DIM pretraining run")
+      speaker_vq_cfg, listener_vq_cfg = meta["speaker_vq"], meta["listener_vq"]
+      sources = (("", init.pretrain),)
+    speaker_vq = vqvae.VQVAE(_vq_config(speaker_vq_cfg))
+    listener_vq = vqvae.VQVAE(_vq_config(listener_vq_cfg))
+    model_cfg = dim_lib.dim_config_from(config.model)
+    for role, vq in (("speaker", speaker_vq), ("listener", listener_vq)):
+      if vq.config.codebook_size != model_cfg.num_tokens:
+        raise ValueError(f"model.num_tokens={model_cfg.num_tokens} but the {role} VQ-VAE has "
+                         f"{vq.config.codebook_size} codes")
+    options = LossOptions(**dict(config.loss))
+    return cls(name=phase, model=dim_lib.DIM(model_cfg), speaker_vq=speaker_vq,
+               listener_vq=listener_vq, options=options, init_sources=sources)
+
+  def model_meta(self) -> dict:
+    def as_dict(cfg):
+      d = dataclasses.asdict(cfg)
+      d["dtype"] = jnp.dtype(d["dtype"]).name
+      return d
+    return dict(phase=self.name, model=as_dict(self.model.config),
+                speaker_vq=as_dict(self.speaker_vq.config),
+                listener_vq=as_dict(self.listener_vq.config))
+
+  # -- params --
+
+  def init_params(self, rng: jax.Array, batch: dict) -> dict:
+    r_dim, r_s, r_l = jax.random.split(rng, 3)
+    dim_params = self.model.init(r_dim, batch["speaker_motion"], batch["listener_motion"],
+                                 batch["speaker_audio"], batch["mask"])["params"]
+    vq_init = lambda vq, r, motion: vq.init({"params": r, "dropout": r}, motion, batch["mask"])["params"]
+    return dict(dim=dim_params,
+                speaker_vq=vq_init(self.speaker_vq, r_s, batch["speaker_motion"]),
+                listener_vq=vq_init(self.listener_vq, r_l, batch["listener_motion"]))
+
+  def trainable_mask(self, params: dict) -> dict:
+    """True where the optimizer may change a parameter (frozen ones stay bit-identical)."""
+    opts = self.options
+    dim_trainable = dict(params["dim"])
+    if self.name == "finetune_speaker":
+      # Official SpeakerSLMFT trains the joint decoder (and the speaker VQ decoder); the
+      # encoders get no gradient there, so freeze them rather than let weight decay drift them.
+      keep = {"joint_decoder", "listener_context_embedding", "identity_embedding", "motion_head"}
+    elif self.name == "finetune_listener":
+      keep = {"speaker_encoder", "joint_encoder", "speaker_role_embedding", "speaker_norm",
+              "speaker_context_embedding", "joint_decoder", "motion_head"}
+    else:
+      keep = set(dim_trainable)
+    dim_mask = {k: jax.tree.map(lambda _, t=(k in keep): t, v) for k, v in dim_trainable.items()}
+    decoded_roles = {"pretrain": ("speaker", "listener"), "finetune_listener": ("listener",),
+                     "finetune_speaker": ("speaker",)}[self.name]
+    if self.model.config.output == "continuous":
+      decoded_roles = ()
+    out = dict(dim=dim_mask)
+    for role in ("speaker", "listener"):
+      tree = params[f"{role}_vq"]
+      train_decoder = opts.vq_decoder_trainable and role in decoded_roles
+      out[f"{role}_vq"] = {k: jax.tree.map(lambda _, t=(k == "decoder" and train_decoder): t, v)
+                           for k, v in tree.items()}
+    return out
+
+  def pretrained_params(self, abstract_params: dict) -> dict[str, np.ndarray]:
+    """Leaves restored from earlier phases: {'path/to/leaf': host array}.
+
+    Raises CheckpointMismatchError listing every missing or differently shaped leaf.
+    """
+    grafted = {}
+    for subtree, workdir in self.init_sources:
+      params, meta = checkpointing.load_params(workdir)
+      expected = abstract_params[subtree] if subtree else abstract_params
+      problems = checkpointing.tree_mismatches(expected, params)
+      missing_or_shape = [p for p in problems if not p.startswith("not in model")]
+      unused = [p for p in problems if p.startswith("not in model")]
+      if missing_or_shape:
+        raise checkpointing.CheckpointMismatchError(
+            f"{workdir} (phase {meta.get('phase')}, step {meta.get('step')}) does not fit "
+            f"{subtree or 'this model'}:\n  " + "\n  ".join(missing_or_shape[:50]))
+      if unused:
+        logging.info("%s: %d checkpoint leaves not used by %s (e.g. %s)", workdir, len(unused),
+                     self.name, unused[0])
+      prefix = f"{subtree}/" if subtree else ""
+      flat_expected = _flatten(expected)
+      for path, value in _flatten(params).items():
+        if path in flat_expected:
+          grafted[prefix + path] = np.asarray(value)
+      logging.info("restored %d leaves of %s from %s (step %s)", len(flat_expected),
+                   subtree or "the model", workdir, meta.get("step"))
+    return grafted
+
+  # -- building blocks --
+
+  def _tokens(self, params, role: str, motion, mask):
+    vq = self.speaker_vq if role == "speaker" else self.listener_vq
+    out = vq.apply({"params": params[f"{role}_vq"]}, motion, mask, method=vqvae.VQVAE.encode)
+    return jax.lax.stop_gradient(out["tokens"])
+
+  def _decode_motion(self, params, role: str, logits, frames, rng, train: bool):
+    """VQ-decodes predicted tokens ('argmax', official) or the expected code ('soft')."""
+    vq = self.speaker_vq if role == "speaker" else self.listener_vq
+    codebook = params[f"{role}_vq"]["quantizer"]["codebook"]
+    if self.options.decode == "soft":
+      quantized = jax.nn.softmax(logits.astype(jnp.float32), axis=-1) @ codebook
+    else:
+      quantized = codebook[jnp.argmax(logits, axis=-1)]
+    rngs = {"dropout": rng} if train else {}
+    return vq.apply({"params": params[f"{role}_vq"]}, quantized, frames,
+                    train=train and self.options.vq_decoder_trainable,
+                    method=vqvae.VQVAE.decode, rngs=rngs)
+
+  def _start(self) -> Optional[int]:
+    cfg = self.model.config
+    return cfg.start_token if cfg.start == "start_token" else None
+
+  def _predict_role(self, params, role, tokens, hidden, context, mask, rng, train):
+    """CE and continuous-loss sums for one role's tokens predicted from `context`.
+
+    hidden: [B, T] frames whose tokens are targets (masked frames in pretraining, all valid
+    frames in fine-tuning).
+    """
+    cfg = self.model.config
+    r_key, r_dec = jax.random.split(rng)
+    motion = logits = None
+    targets = jnp.where(hidden, tokens, IGNORE)
+    if cfg.output == "continuous":
+      motion = self.model.apply({"params": params["dim"]}, context, mask, mask,
+                                method=dim_lib.DIM.regress)
+      frames = hidden
+      ce = (jnp.zeros(()), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+    elif cfg.decoding == "parallel":
+      inputs = jnp.where(hidden, cfg.mask_token, tokens)
+      logits = self.model.apply({"params": params["dim"]}, inputs, context, mask, None, mask,
+                                method=dim_lib.DIM.decode)
+      ce = cross_entropy_sums(logits, targets)
+      frames = hidden
+    else:
+      inputs, shifted = teacher_forcing(targets, self._start())
+      input_valid = mask[:, :inputs.shape[1]]
+      key_mask = decoder_key_mask(r_key, input_valid, self.options.decoder_key_mask_prob) if train else None
+      logits = self.model.apply({"params": params["dim"]}, inputs, context, mask, key_mask,
+                                method=dim_lib.DIM.decode)
+      ce = cross_entropy_sums(logits, shifted)
+      frames = shifted != IGNORE
+    return (logits if cfg.output == "tokens" else None), motion, frames, ce, r_dec
+
+  def _continuous(self, params, role, logits, motion, frames, target, mask, rng, train):
+    """Pairwise-distance sums of the decoded prediction against `target` on `frames`."""
+    n = frames.shape[1]
+    target = target[:, -n:]  # official: predictions cover frames 1..T-1 (or all T)
+    if motion is None:
+      valid = mask[:, -n:]
+      motion = self._decode_motion(params, role, logits, valid, rng, train)
+    return pairwise_distance_sums(motion, target, frames)
+
+  # -- the phases --
+
+  def _forward(self, params, batch, rng, train: bool) -> dict:
+    """All loss terms of this phase as (sum, count) pairs; shared by loss_fn and eval_sums."""
+    opts = self.options
+    mask = batch["mask"]
+    speaker, listener, audio = batch["speaker_motion"], batch["listener_motion"], batch["speaker_audio"]
+    r_mask_s, r_mask_l, r_s, r_l = jax.random.split(rng, 4)
+    terms = {}
+    if self.name == "pretrain":
+      hidden_s = random_frame_mask(r_mask_s, mask, opts.mask_ratio)
+      hidden_l = random_frame_mask(r_mask_l, mask, opts.mask_ratio)
+      enc = self.model.apply({"params": params["dim"]}, speaker, listener, mask, hidden_s,
+                             hidden_l, method=dim_lib.DIM.encode_dyad)
+      if opts.contrastive_weight > 0:
+        nce, acc = info_nce(enc["speaker_alone"], enc["listener_alone"], mask, mask.any(axis=1),
+                            opts.contrastive_temperature, opts.contrastive_bidirectional)
+        terms["nce"] = (nce, jnp.ones(()))
+        terms["contrastive_accuracy"] = (acc, jnp.ones(()))
+      ctx = lambda feats, role: self.model.apply({"params": params["dim"]}, feats, audio, role,
+                                                 method=dim_lib.DIM.decoder_context)
+      jobs = (("speaker", speaker, hidden_s, ctx(enc["joint_listener"], "listener"), r_s),
+              ("listener", listener, hidden_l, ctx(enc["joint_speaker"], "speaker"), r_l))
+    elif self.name == "finetune_listener":
+      feats = self.model.apply({"params": params["dim"]}, speaker, mask, opts.causal_encoders,
+                               method=dim_lib.DIM.encode_speaker)
+      context = self.model.apply({"params": params["dim"]}, feats, audio, "speaker",
+                                 method=dim_lib.DIM.decoder_context)
+      jobs = (("listener", listener, mask, context, r_l),)
+    else:  # finetune_speaker: speech (plus a zero or learned listener context) -> speaker
+      b, t = mask.shape
+      identity = jnp.zeros((b,), jnp.int32)
+      feats = self.model.apply({"params": params["dim"]}, identity, b, t,
+                               method=dim_lib.DIM.identity_context)
+      context = self.model.apply({"params": params["dim"]}, feats, audio, "listener",
+                                 method=dim_lib.DIM.decoder_context)
+      jobs = (("speaker", speaker, mask, context, r_s),)
+    for role, motion, hidden, context, r in jobs:
+      tokens = (jnp.zeros(mask.shape, jnp.int32) if self.model.config.output == "continuous"
+                else self._tokens(params, role, motion, mask))
+      logits, pred_motion, frames, ce, r_dec = self._predict_role(
+          params, role, tokens, hidden, context, mask, r, train)
+      if self.model.config.output == "tokens":
+        terms[f"ce_{role}"] = (ce[0], ce[1])
+        terms[f"token_accuracy_{role}"] = (ce[2], ce[1])
+      pose, expression, count = self._continuous(params, role, logits, pred_motion, frames,
+                                                 motion, mask, r_dec, train)
+      terms[f"continuous_pose_{role}"] = (pose, count)
+      terms[f"continuous_expression_{role}"] = (expression, count)
+    return terms
+
+  def _total(self, means: dict) -> jax.Array:
+    opts = self.options
+    total = 0.0
+    for key, value in means.items():
+      if key.startswith("ce_"):
+        total = total + value
+      elif key.startswith("continuous_"):
+        total = total + opts.continuous_weight * value
+      elif key == "nce":
+        total = total + opts.contrastive_weight * value
+    return total
+
+  def loss_fn(self, params, batch, rng):
+    terms = self._forward(params, batch, rng, train=True)
+    means = {k: s / jnp.maximum(c, 1) for k, (s, c) in terms.items()}
+    return self._total(means), means
+
+  def eval_sums(self, params, batch) -> dict:
+    # Fixed masking rng: validation numbers are comparable across steps.
+    terms = self._forward(params, batch, jax.random.PRNGKey(0), train=False)
+    out = {}
+    for k, (s, c) in terms.items():
+      out[f"{k}/sum"] = jnp.asarray(s, jnp.float32)
+      out[f"{k}/count"] = jnp.asarray(c, jnp.float32)
+    return out
+
+  def finalize_eval(self, sums: dict) -> dict:
+    means = {}
+    for key in sums:
+      if key.endswith("/sum"):
+        name = key[:-4]
+        means[name] = float(sums[key]) / max(float(sums[f"{name}/count"]), 1.0)
+    means["loss"] = float(self._total(means))
+    return means
+
+
+def _vq_config(meta_model: dict) -> vqvae.VQConfig:
+  values = dict(meta_model)
+  dtype = values.pop("dtype", "float32")
+  fields = {f.name for f in dataclasses.fields(vqvae.VQConfig)}
+  values = {k: v for k, v in values.items() if k in fields}
+  return vqvae.VQConfig(**values, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
