@@ -256,3 +256,26 @@ def shrink_dim_to_tiny(config: ml_collections.ConfigDict) -> ml_collections.Conf
   config.train.eval_every_steps = 100
   config.train.checkpoint_every_steps = 100
   return config
+
+
+def generate_config() -> ml_collections.ConfigDict:
+  """Phase `generate`: sample motion for every clip of a split from a fine-tuned model."""
+  config = ml_collections.ConfigDict()
+  config.phase = "generate"
+  config.seed = 0
+  config.data = data_config()
+  config.mesh = mesh_config()
+  config.init = ml_collections.ConfigDict()
+  config.init.model = ""           # workdir of a finetune_listener / finetune_speaker run.
+  config.generate = ml_collections.ConfigDict()
+  config.generate.split = "test"
+  config.generate.num_samples = 1  # independent samples per clip (one batch).
+  config.generate.batch_size = 8   # clips per generation batch.
+  config.generate.seed = 0         # sampling seed (sample k of batch i: fold_in(seed, i)).
+  sampling = ml_collections.ConfigDict()
+  sampling.temperature = 1.0       # 0 = greedy.  Official: 1.0 with top-k over 10 %.
+  sampling.top_k = 0               # a count; 0 = use top_k_fraction.
+  sampling.top_k_fraction = 0.1    # x-transformers top_k(frac_num_tokens); 0 = off.
+  sampling.top_p = 0.0             # nucleus threshold; 0 = off.
+  config.generate.sampling = sampling
+  return config

@@ -32,7 +32,8 @@ A batch (numpy, from ``as_numpy``), with b = ``batch_size`` and L the bucket len
 ``speaker_motion`` / ``listener_motion`` float32 [b, L, 56], ``speaker_audio`` float32
 [b, L, 768] (exactly 0 on padded frames and filler rows), ``mask`` bool [b, L] (True on
 valid frames), ``length`` int32 [b] (valid frames; 0 for filler), ``example_mask`` bool [b],
-``clip_id`` bytes object [b] (b"" for filler), ``window_index`` int32 [b].
+``clip_id`` bytes object [b] (b"" for filler), ``window_index`` int32 [b], ``window_start`` int32
+[b] (the window's first frame in its clip: clips are reassembled by placing windows there).
 
 The iterator of the returned dataset can be saved with ``tf.train.Checkpoint(iterator=it)``.
 Its checkpoint holds the buffered elements: up to ``min(shuffle_buffer, windows per epoch)``
@@ -86,6 +87,7 @@ def _windows(max_len: int):
       element["length"] = end - start
       element["clip_id"] = clip["clip_id"]
       element["window_index"] = index
+      element["window_start"] = start  # first frame of the window in its clip
       return element
 
     windows = tf.data.Dataset.range(tf.cast(count, tf.int64))

@@ -152,11 +152,7 @@ class DIM(nn.Module):
     self.speaker_norm = _torch_layer_norm()
     self.listener_norm = _torch_layer_norm()
     self.joint_norm = _torch_layer_norm()
-    self.joint_decoder = transformer.TokenDecoder(
-        num_tokens=cfg.num_tokens, dim=cfg.decoder_dim, depth=cfg.decoder_depth,
-        heads=cfg.decoder_heads, max_seq_len=cfg.max_seq_len,
-        use_abs_pos_emb=cfg.decoder_positions, dim_head=cfg.dim_head, dtype=cfg.dtype,
-        num_input_tokens=cfg.num_input_tokens, causal=not cfg.parallel)
+    self.joint_decoder = joint_decoder_module(cfg)
     if cfg.output == "continuous":
       self.motion_head = transformer.Linear(cfg.motion_dim, use_bias=True, dtype=cfg.dtype)
     if cfg.num_identities > 0:
@@ -261,6 +257,15 @@ class DIM(nn.Module):
     if self.config.num_identities > 0:
       self.identity_context(jnp.zeros(mask.shape[:1], jnp.int32), *mask.shape)
     return out
+
+
+def joint_decoder_module(cfg: DIMConfig) -> transformer.TokenDecoder:
+  """The joint decoder alone (params: `params['joint_decoder']`), e.g. for cached sampling."""
+  return transformer.TokenDecoder(
+      num_tokens=cfg.num_tokens, dim=cfg.decoder_dim, depth=cfg.decoder_depth,
+      heads=cfg.decoder_heads, max_seq_len=cfg.max_seq_len,
+      use_abs_pos_emb=cfg.decoder_positions, dim_head=cfg.dim_head, dtype=cfg.dtype,
+      num_input_tokens=cfg.num_input_tokens, causal=not cfg.parallel)
 
 
 def dim_config_from(model_config) -> DIMConfig:

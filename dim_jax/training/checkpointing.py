@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 import shutil
 import tempfile
 from typing import Any, Optional
@@ -216,7 +217,10 @@ def load_params(workdir: str, step: Optional[str] = "best") -> tuple[PyTree, dic
   """
   manager, directory = _read_only_manager(workdir)
   chosen = _choose_step(manager, directory, step)
-  restored = manager.restore(chosen, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(), meta=ocp.args.JsonRestore()))
+  with warnings.catch_warnings():
+    # Host-side restore (no target shardings) is intended here: the caller places the arrays.
+    warnings.filterwarnings("ignore", message="Sharding info not provided")
+    restored = manager.restore(chosen, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(), meta=ocp.args.JsonRestore()))
   manager.close()
   return restored["state"]["params"], dict(restored["meta"], step=chosen)
