@@ -167,6 +167,7 @@ def dim_model_config(phase: str) -> ml_collections.ConfigDict:
   model.output = "tokens"          # 'continuous' = Table 3 "no VQ" regression head.
   model.two_branch = True          # False = Table 3 "no speaker-listener two-branch".
   model.num_identities = 0         # DIM-Speaker: 0 = zero listener context (official), 1 = learned.
+  model.audio_projection = 0       # 0 = raw audio in the decoder context (official); n = Linear to n.
   model.compute_dtype = "float32"  # or 'bfloat16' (matmul inputs; f32 params and accumulation).
   return model
 
@@ -240,6 +241,7 @@ def shrink_dim_to_tiny(config: ml_collections.ConfigDict) -> ml_collections.Conf
   config.model.num_tokens = 128    # = the tiny VQ codebook.
   config.model.decoder_depth = 2
   config.model.decoder_heads = 4
+  config.model.audio_projection = 64  # else the 768-wide audio makes the decoder 832 wide.
   config.data.synthetic = True
   config.data.max_len = 128
   config.data.bucket_boundaries = (64, 128)

@@ -1,10 +1,10 @@
 """Autoregressive token sampling for DIM (x-transformers 1.30.16 `generate` semantics).
 
 The official DIM code samples motion tokens with x-transformers'
-`AutoregressiveWrapper.generate(prompts, seq_len, temperature=1., filter_logits_fn=top_k)`,
-i.e. `top_k(logits, frac_num_tokens=0.1)` (k = ceil(0.1 * 512) = 52 of the 512 codes), then
-`softmax(filtered / temperature)` and `torch.multinomial`.  This module reproduces that in
-JAX:
+`AutoregressiveWrapper.generate(prompts, seq_len, ...)` at its defaults, `temperature=1.` and
+`filter_logits_fn=top_k`, i.e. `top_k(logits, frac_num_tokens=0.1)` (k = ceil(0.1 * 512) =
+52 of the 512 codes), then `softmax(filtered / temperature)` and `torch.multinomial`.  This
+module reproduces that in JAX (`SamplingConfig()` is that default):
 
 * `filter_logits` = x-transformers `top_k` followed by `top_p` (each optional):
   - top_k keeps exactly k logits (`torch.topk` then scatter into a -inf row; k =
@@ -250,7 +250,8 @@ def generate_tokens(decoder: Any, decoder_params: Any, *, first_tokens: Array, l
     return first_tokens[:, None]
   variables = _variables(decoder_params)
   batch = first_tokens.shape[0]
-  # Only positions 0..length-2 are ever fed, so the cache needs length-1 slots.
+  # Only positions 0..length-2 are ever fed, so the cache needs length-1 slots.  float32
+  # whatever decoder.dtype: attention casts K/V to the compute dtype as in `__call__`.
   cache = decoder.init_cache(batch, length - 1)
 
   def step(carry, t):

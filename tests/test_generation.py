@@ -15,6 +15,9 @@ from dim_jax.models.transformer import TokenDecoder
 VOCAB, DIM, DEPTH, HEADS, DIM_HEAD, MAX_LEN = 24, 32, 2, 2, 16, 64
 CTX_LEN = 10
 GREEDY = gen.SamplingConfig(temperature=0.0)
+# Jitted once per (shape, config): eager dispatch of the sort/scatter ops costs more.
+_filter = jax.jit(gen.filter_logits, static_argnums=1)
+_sample = jax.jit(gen.sample_next, static_argnums=2)
 
 
 def _decoder(use_abs_pos_emb):
@@ -23,19 +26,42 @@ def _decoder(use_abs_pos_emb):
 
 
 @functools.lru_cache(maxsize=None)
+def _params_with_pos():
+  """Random params drawn in NumPy on the init shapes (a jitted `init` costs seconds here)."""
+  dec = _decoder(True)
+  shapes = jax.eval_shape(dec.init, jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32),
+                          jnp.zeros((1, CTX_LEN, DIM)))["params"]
+  rng = np.random.default_rng(0)
+
+  def draw(path, leaf):
+    name = path[-1].key
+    if name == "kernel":  # torch Linear init range.
+      bound = 1.0 / np.sqrt(leaf.shape[0])
+      return rng.uniform(-bound, bound, leaf.shape).astype(np.float32)
+    if name == "bias":
+      return rng.uniform(-0.1, 0.1, leaf.shape).astype(np.float32)
+    if name == "scale":  # norms at 1 +- noise.
+      return (1.0 + 0.2 * rng.standard_normal(leaf.shape)).astype(np.float32)
+    if name == "token_emb":
+      # 8x the torch init std sqrt(2/dim): at init the embedding is small next to the rest
+      # and greedy decoding tends to repeat one token; a larger one makes the argmax move
+      # with the input, so that token-for-token equality tests something.
+      return (8.0 * np.sqrt(2.0 / DIM) * rng.standard_normal(leaf.shape)).astype(np.float32)
+    return rng.standard_normal(leaf.shape).astype(np.float32)  # pos_emb: N(0, 1) as torch.
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+@functools.lru_cache(maxsize=None)
 def _setup(use_abs_pos_emb):
   """(decoder, params, context [3, M, dim], context_mask [3, M]) shared by the tests."""
-  dec = _decoder(use_abs_pos_emb)
-  ctx = jax.random.normal(jax.random.PRNGKey(1), (3, CTX_LEN, DIM))
-  params = jax.jit(dec.init)(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32), ctx[:1])
-  params = dict(params["params"])
-  # At init the token embedding (std sqrt(2/dim)) is small next to the rest, and greedy
-  # decoding tends to repeat one token; a larger embedding makes the argmax move with the
-  # input so that token-for-token equality tests something.
-  params["token_emb"] = params["token_emb"] * 8.0
+  params = dict(_params_with_pos())
+  if not use_abs_pos_emb:
+    del params["pos_emb"]  # the only parameter that differs.
+  ctx = jnp.asarray(np.random.default_rng(1).standard_normal((3, CTX_LEN, DIM)), jnp.float32)
   # Row 0: full context; row 1: padded after 4 frames; row 2: no valid frame at all.
-  mask = jnp.arange(CTX_LEN)[None, :] < jnp.array([CTX_LEN, 4, 0])[:, None]
-  return dec, params, ctx, mask
+  mask = jnp.asarray(np.arange(CTX_LEN)[None, :] < np.array([CTX_LEN, 4, 0])[:, None])
+  return _decoder(use_abs_pos_emb), params, ctx, mask
 
 
 def _run(dec, params, length, sampling, first, ctx, mask, rng, cached=True):
@@ -49,8 +75,7 @@ FIRST = jnp.array([0, 5, 11], jnp.int32)
 # Cached vs uncached generation.
 
 
-@pytest.mark.parametrize("use_abs_pos_emb,length", [(True, 2), (True, 33), (False, 9),
-                                                     (False, 40)])
+@pytest.mark.parametrize("use_abs_pos_emb,length", [(True, 2), (True, 33), (False, 40)])
 def test_cached_greedy_equals_uncached(use_abs_pos_emb, length):
   dec, params, ctx, mask = _setup(use_abs_pos_emb)
   rng = jax.random.PRNGKey(3)
@@ -60,6 +85,10 @@ def test_cached_greedy_equals_uncached(use_abs_pos_emb, length):
   np.testing.assert_array_equal(cached[:, 0], np.asarray(FIRST))
   np.testing.assert_array_equal(cached, ref)
   assert np.all((cached[:, 1:] >= 0) & (cached[:, 1:] < VOCAB))
+  # Independent of both loops: one teacher-forced pass over the finished sequence must
+  # predict each token from its prefix (x-transformers' loop, by causality).
+  logits = jax.jit(dec.apply)({"params": params}, jnp.asarray(cached), ctx, mask)
+  np.testing.assert_array_equal(np.argmax(np.asarray(logits[:, :-1]), -1), cached[:, 1:])
   if length >= 9:
     for row in cached:  # not a constant sequence: the comparison is not vacuous.
       assert len(set(row[1:].tolist())) > 1, row
@@ -78,17 +107,18 @@ def test_length_one_and_too_long():
 def test_masked_context_frames_are_ignored():
   dec, params, ctx, mask = _setup(False)
   rng = jax.random.PRNGKey(3)
-  sampling = gen.SamplingConfig()
-  base = _run(dec, params, 17, sampling, FIRST, ctx, mask, rng)
-  garbage = jnp.where(mask[..., None], ctx, 100.0 * jax.random.normal(rng, ctx.shape))
-  out = _run(dec, params, 17, sampling, FIRST, garbage, mask, rng)
+  sampling = GREEDY  # same compiled function as a greedy test above.
+  base = _run(dec, params, 40, sampling, FIRST, ctx, mask, rng)
+  noise = 100.0 * np.random.default_rng(2).standard_normal(ctx.shape).astype(np.float32)
+  garbage = jnp.where(mask[..., None], ctx, noise)
+  out = _run(dec, params, 40, sampling, FIRST, garbage, mask, rng)
   np.testing.assert_array_equal(out[:2], base[:2])
   # Row 2 has no valid frame: as in x-transformers (masked scores = -finfo.max, not -inf)
   # its cross-attention is uniform over all frames, so the padding values do matter there.
   assert not np.array_equal(out[2], base[2])
   # ...while a valid frame does matter (the context reaches the logits at all).
   changed = ctx.at[0, 0].set(100.0)
-  assert not np.array_equal(_run(dec, params, 17, sampling, FIRST, changed, mask, rng)[0],
+  assert not np.array_equal(_run(dec, params, 40, sampling, FIRST, changed, mask, rng)[0],
                             base[0])
 
 
@@ -173,7 +203,7 @@ def test_top_k_fraction_count():
 ])
 def test_filter_logits_matches_numpy(sampling, ref):
   logits = _random_logits(0, 8, 512)
-  ours = np.asarray(gen.filter_logits(jnp.asarray(logits), sampling))
+  ours = np.asarray(_filter(jnp.asarray(logits), sampling))
   expected = ref(logits)
   np.testing.assert_array_equal(np.isinf(ours), np.isinf(expected))
   np.testing.assert_array_equal(ours, expected)
@@ -185,7 +215,8 @@ def test_filter_logits_matches_numpy(sampling, ref):
 def test_top_p_keeps_first_token_above_threshold():
   # probs 0.5, 0.3, 0.15, 0.05: cum 0.5, 0.8, 0.95, 1.0.
   logits = np.log(np.array([[0.15, 0.5, 0.05, 0.3]], np.float32))
-  f = lambda p: np.isfinite(np.asarray(gen.top_p_filter(jnp.asarray(logits), p)))[0].tolist()
+  top_p = jax.jit(gen.top_p_filter)  # threshold traced: one compile.
+  f = lambda p: np.isfinite(np.asarray(top_p(jnp.asarray(logits), p)))[0].tolist()
   assert f(0.6) == [False, True, False, True]  # 0.5 < 0.6, the 0.3 entry crosses: kept.
   assert f(0.4) == [False, True, False, False]  # the top token alone crosses.
   assert f(0.01) == [False, True, False, False]  # the top token always survives.
@@ -196,20 +227,18 @@ def test_top_p_keeps_first_token_above_threshold():
 def test_filters_match_x_transformers():
   torch = pytest.importorskip("torch")
   ar = pytest.importorskip("x_transformers.autoregressive_wrapper")
-  for seed, v in ((0, 512), (1, 24), (2, 30)):
+  cases = [  # (vocab, ours, theirs); each config compiles once, so keep the list short.
+      (512, gen.SamplingConfig(), lambda t: ar.top_k(t, frac_num_tokens=0.1)),
+      (30, gen.SamplingConfig(), lambda t: ar.top_k(t, frac_num_tokens=0.1)),
+      (512, gen.SamplingConfig(top_k_fraction=0.5), lambda t: ar.top_k(t, frac_num_tokens=0.5)),
+      (512, gen.SamplingConfig(top_k=3), lambda t: ar.top_k(t, k=3)),
+      (512, gen.SamplingConfig(top_k_fraction=0.0, top_p=0.9), lambda t: ar.top_p(t, thres=0.9)),
+      (30, gen.SamplingConfig(top_k_fraction=0.0, top_p=0.5), lambda t: ar.top_p(t, thres=0.5)),
+  ]
+  for seed, (v, sampling, theirs) in enumerate(cases):
     logits = _random_logits(seed, 6, v)
-    t = torch.from_numpy(logits)
-    for frac in (0.1, 0.5):
-      np.testing.assert_array_equal(
-          np.asarray(gen.filter_logits(jnp.asarray(logits), gen.SamplingConfig(top_k_fraction=frac))),
-          ar.top_k(t, frac_num_tokens=frac).numpy())
-    np.testing.assert_array_equal(
-        np.asarray(gen.filter_logits(jnp.asarray(logits), gen.SamplingConfig(top_k=3))),
-        ar.top_k(t, k=3).numpy())
-    for thres in (0.5, 0.9):
-      ours = np.asarray(gen.filter_logits(
-          jnp.asarray(logits), gen.SamplingConfig(top_k_fraction=0.0, top_p=thres)))
-      np.testing.assert_array_equal(ours, ar.top_p(t.clone(), thres=thres).numpy())
+    np.testing.assert_array_equal(np.asarray(_filter(jnp.asarray(logits), sampling)),
+                                  theirs(torch.from_numpy(logits)).numpy())
 
 
 # Sampling law.
@@ -217,19 +246,19 @@ def test_filters_match_x_transformers():
 
 def test_top_k_one_is_greedy():
   logits = jnp.asarray(_random_logits(3, 64, 50))
-  greedy = gen.sample_next(jax.random.PRNGKey(0), logits, GREEDY)
+  greedy = _sample(jax.random.PRNGKey(0), logits, GREEDY)
   np.testing.assert_array_equal(greedy, np.argmax(np.asarray(logits), -1))
   for seed in range(3):
     for temperature in (0.5, 1.0, 3.0):
       s = gen.SamplingConfig(temperature=temperature, top_k=1)
-      np.testing.assert_array_equal(gen.sample_next(jax.random.PRNGKey(seed), logits, s), greedy)
+      np.testing.assert_array_equal(_sample(jax.random.PRNGKey(seed), logits, s), greedy)
 
 
 def test_greedy_ignores_filter():
   # x-transformers: greedy takes argmax of the raw logits; the filter never runs.
   logits = jnp.asarray(_random_logits(4, 16, 30))
   s = gen.SamplingConfig(temperature=0.0, top_k=2, top_p=0.1)
-  np.testing.assert_array_equal(gen.sample_next(jax.random.PRNGKey(0), logits, s),
+  np.testing.assert_array_equal(_sample(jax.random.PRNGKey(0), logits, s),
                                 np.argmax(np.asarray(logits), -1))
 
 
@@ -242,10 +271,10 @@ def test_greedy_ignores_filter():
 def test_sampling_frequencies(sampling):
   logits = np.array([2.0, 1.0, 0.5, 0.0, -1.0, 1.7], np.float32)
   n = 200_000
-  draws = gen.sample_next(jax.random.PRNGKey(11), jnp.broadcast_to(jnp.asarray(logits), (n, 6)),
+  draws = _sample(jax.random.PRNGKey(11), jnp.broadcast_to(jnp.asarray(logits), (n, 6)),
                           sampling)
   counts = np.bincount(np.asarray(draws), minlength=6)
-  filtered = np.asarray(gen.filter_logits(jnp.asarray(logits[None]), sampling))[0]
+  filtered = np.asarray(_filter(jnp.asarray(logits[None]), sampling))[0]
   z = filtered.astype(np.float64) / sampling.temperature
   p = np.exp(z - z.max())
   p /= p.sum()

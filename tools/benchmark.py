@@ -2,8 +2,13 @@ r"""Benchmarks (JSON): training-step throughput of dim_jax phases at official si
 
   python tools/benchmark.py --out bench.json [--peer_python .peer-venv/bin/python]
 
-Cases: `vq` = one VQ-VAE train step (official sizes, batch 32 x 64 frames, AdamW, L1 + quant
-loss) in float32 and bfloat16 compute. Each measurement runs in its own child process
+Cases (official sizes, float32 and bfloat16 compute):
+  `vq`        one VQ-VAE train step (batch 32 x 64 frames, AdamW, L1 + quant loss);
+  `pretrain`  one DIM pretraining step (official SLM; batch 8 x 64 by default);
+  `finetune`  one DIM-Listener fine-tuning step (official SLMFT; batch 8 x 64);
+  `generate`  latency of generating one clip (batch 1 x 64): encode the speaker, sample 63
+              tokens with the KV cache (temperature 1, top-k 10 %), VQ-decode (the peer's
+              `gen` case times the same path, including its tokenisation). Each measurement runs in its own child process
 (warm-up, then timed steps; median/min/max). With `--peer_python` (a venv holding torch and
 the packages of ../shared/peer/README.md) the PyTorch peer of the official architecture is
 measured in the same run, interleaved, and the ratio is reported: compare ratios, not
@@ -32,6 +37,8 @@ def child(case: str, batch: int, frames: int, dtype: str, warmup: int, steps: in
   from dim_jax import config_lib, sharding
   from dim_jax.training import trainer, vq
 
+  if case in ("pretrain", "finetune", "generate"):
+    return dim_child(case, batch, frames, dtype, warmup, steps)
   if case != "vq":
     raise ValueError(f"unknown case {case!r}")
   config = config_lib.vq_config("speaker")
@@ -63,6 +70,67 @@ def child(case: str, batch: int, frames: int, dtype: str, warmup: int, steps: in
   return dict(times=times, compile_s=compile_s, n_params=n_params)
 
 
+def dim_child(case: str, batch: int, frames: int, dtype: str, warmup: int, steps: int) -> dict:
+  """Train step of pretrain / finetune_listener, or generation latency, at official sizes."""
+  import functools  # pylint: disable=g-import-not-at-top
+  import jax
+  import numpy as np
+  from dim_jax import config_lib, generate, generation
+  from dim_jax.models import dim as dim_lib
+  from dim_jax.models import vqvae
+  from dim_jax.training import dim_tasks, trainer
+
+  phase = {"pretrain": "pretrain", "finetune": "finetune_listener",
+           "generate": "finetune_listener"}[case]
+  config = config_lib.dim_config(phase)
+  config.model.compute_dtype = dtype
+  vq_model = config_lib.vq_model_config()
+  vq_model.compute_dtype = dtype
+  vq_cfg = vqvae.vq_config_from(vq_model)
+  task = dim_tasks.DIMTask(name=phase, model=dim_lib.DIM(dim_lib.dim_config_from(config.model)),
+                           speaker_vq=vqvae.VQVAE(vq_cfg), listener_vq=vqvae.VQVAE(vq_cfg),
+                           options=dim_tasks.LossOptions(**dict(config.loss)))
+  rng = np.random.default_rng(1)
+  local = dict(speaker_motion=rng.normal(size=(batch, frames, 56)).astype(np.float32),
+               listener_motion=rng.normal(size=(batch, frames, 56)).astype(np.float32),
+               speaker_audio=rng.normal(size=(batch, frames, 768)).astype(np.float32),
+               mask=np.ones((batch, frames), bool))
+  params = jax.jit(task.init_params)(jax.random.PRNGKey(0), local)
+  n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+  times = []
+  if case == "generate":
+    gen = generate.Generator(task=task, params=params, sampling=generation.SamplingConfig())
+    t0 = time.perf_counter()
+    jax.block_until_ready(gen(local, jax.random.PRNGKey(0))["motion"])
+    compile_s = time.perf_counter() - t0
+    for i in range(warmup + steps):
+      t0 = time.perf_counter()
+      jax.block_until_ready(gen(local, jax.random.PRNGKey(i + 1))["motion"])
+      if i >= warmup:
+        times.append(time.perf_counter() - t0)
+    return dict(times=times, compile_s=compile_s, n_params=n_params)
+  trainable = task.trainable_mask(params)
+  optimizer = trainer.make_optimizer(config.train, trainable)
+  state = dict(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
+               opt_state=optimizer.init(params), rng=jax.random.PRNGKey(1))
+  step_fn = jax.jit(functools.partial(trainer.train_step, task=task, optimizer=optimizer,
+                                      trainable=trainable), donate_argnums=0)
+  t0 = time.perf_counter()
+  state, metrics = step_fn(state, local)
+  jax.block_until_ready(metrics)
+  compile_s = time.perf_counter() - t0
+  for i in range(warmup + steps):
+    t0 = time.perf_counter()
+    state, metrics = step_fn(state, local)
+    jax.block_until_ready(metrics["loss"])
+    if i >= warmup:
+      times.append(time.perf_counter() - t0)
+  return dict(times=times, compile_s=compile_s, n_params=n_params)
+
+
+PEER_CASES = {"vq": "vq", "pretrain": "slm", "finetune": "slmft", "generate": "gen"}
+
+
 def run_child(args_list: list[str], python: str, script: str) -> dict:
   env = dict(os.environ, OMP_NUM_THREADS="2", MKL_NUM_THREADS="2", TF_CPP_MIN_LOG_LEVEL="2")
   proc = subprocess.run([python, script, *args_list], capture_output=True, text=True, env=env,
@@ -82,7 +150,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--case", default="vq")
-  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--batch", type=int, default=None,
+                      help="default: 32 for vq, 8 for pretrain/finetune, 1 for generate")
   parser.add_argument("--frames", type=int, default=64)
   parser.add_argument("--dtype", default="float32")
   parser.add_argument("--warmup", type=int, default=2)
@@ -91,10 +160,14 @@ def main():
   parser.add_argument("--peer_python", default=None)
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
+  if args.child and args.batch is None:
+    args.batch = {"vq": 32, "generate": 1}.get(args.case, 8)
   if args.child:
     print(json.dumps(child(args.case, args.batch, args.frames, args.dtype, args.warmup,
                            args.steps)))
     return
+  if args.batch is None:
+    args.batch = {"vq": 32, "generate": 1}.get(args.case, 8)
   frames_per_step = args.batch * args.frames
   impls = [("dim_jax_float32", "float32"), ("dim_jax_bfloat16", "bfloat16")]
   if args.peer_python:
@@ -105,7 +178,7 @@ def main():
     order = impls if round_index % 2 == 0 else impls[::-1]  # drift hits every impl alike.
     for name, dtype in order:
       if dtype is None:
-        out = run_child(["--child", "--case", args.case, "--impl", "peer", "--b", str(args.batch),
+        out = run_child(["--child", "--case", PEER_CASES[args.case], "--impl", "peer", "--b", str(args.batch),
                          "--t", str(args.frames), "--warmup", str(args.warmup), "--steps",
                          str(args.steps), "--mm-checks", "0"], args.peer_python, PEER_BENCH)
       else:

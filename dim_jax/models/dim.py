@@ -68,6 +68,9 @@ class DIMConfig:
     two_branch: separate speaker and listener encoders (official) or one shared.
     num_identities: rows of the DIM-Speaker identity table (0 = zero listener context, as
       official without speaker ids).
+    audio_projection: 0 = the raw audio features join the decoder context (official, width
+      dim + audio_dim); n > 0 = a learned Linear(audio_dim, n) first (ours, for small
+      models: the 768-wide audio otherwise sets the decoder width).
     dtype: matmul input dtype (params float32, accumulation float32).
   """
   motion_dim: int = 56
@@ -86,6 +89,7 @@ class DIMConfig:
   output: str = "tokens"
   two_branch: bool = True
   num_identities: int = 0
+  audio_projection: int = 0
   dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -100,7 +104,7 @@ class DIMConfig:
 
   @property
   def decoder_dim(self) -> int:
-    return self.dim + self.audio_dim
+    return self.dim + (self.audio_projection or self.audio_dim)
 
   @property
   def start_token(self) -> int:
@@ -155,6 +159,9 @@ class DIM(nn.Module):
     self.joint_decoder = joint_decoder_module(cfg)
     if cfg.output == "continuous":
       self.motion_head = transformer.Linear(cfg.motion_dim, use_bias=True, dtype=cfg.dtype)
+    if cfg.audio_projection > 0:
+      self.audio_projector = transformer.Linear(cfg.audio_projection, use_bias=True,
+                                                dtype=cfg.dtype)
     if cfg.num_identities > 0:
       self.identity_embedding = nn.Embed(cfg.num_identities, cfg.dim,
                                          embedding_init=nn.initializers.normal(1.0))
@@ -222,7 +229,10 @@ class DIM(nn.Module):
     """
     embedding = (self.speaker_context_embedding if role == "speaker"
                  else self.listener_context_embedding)
-    return jnp.concatenate([features + embedding, audio.astype(jnp.float32)], axis=-1)
+    audio = audio.astype(jnp.float32)
+    if self.config.audio_projection > 0:
+      audio = self.audio_projector(audio)
+    return jnp.concatenate([features + embedding, audio], axis=-1)
 
   def identity_context(self, identity: Optional[Array], batch: int, frames: int) -> Array:
     """DIM-Speaker listener features: a learned identity row, or zeros (official default)."""

@@ -250,10 +250,11 @@ class DIMTask:
     if self.name == "finetune_speaker":
       # Official SpeakerSLMFT trains the joint decoder (and the speaker VQ decoder); the
       # encoders get no gradient there, so freeze them rather than let weight decay drift them.
-      keep = {"joint_decoder", "listener_context_embedding", "identity_embedding", "motion_head"}
+      keep = {"joint_decoder", "listener_context_embedding", "identity_embedding", "motion_head",
+              "audio_projector"}
     elif self.name == "finetune_listener":
       keep = {"speaker_encoder", "joint_encoder", "speaker_role_embedding", "speaker_norm",
-              "speaker_context_embedding", "joint_decoder", "motion_head"}
+              "speaker_context_embedding", "joint_decoder", "motion_head", "audio_projector"}
     else:
       keep = set(dim_trainable)
     dim_mask = {k: jax.tree.map(lambda _, t=(k in keep): t, v) for k, v in dim_trainable.items()}
