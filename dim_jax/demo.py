@@ -1,11 +1,14 @@
-r"""`make demo`: the pipeline on the embedded synthetic data with tiny configs.
+r"""`make demo`: the whole pipeline on the embedded synthetic data with tiny configs.
 
   python -m dim_jax.demo --workdir runs/demo
 
-Writes the synthetic dataset to <workdir>/data if absent, trains the listener and speaker
-tokenizers (configs/vq_tiny.py sizes) into <workdir>/vq_listener and <workdir>/vq_speaker,
-then writes <workdir>/report.md and <workdir>/report.json with the test-split
-reconstruction error per stream and codebook usage. Rerunning resumes or reuses what exists.
+Steps (each a phase of `python -m dim_jax.main`, chained through Orbax checkpoints):
+  1. tokenizers: `vq` for the listener and the speaker          -> <workdir>/vq_<role>
+  2. DIM pretraining (restores both tokenizers)                  -> <workdir>/pretrain
+  3. DIM-Listener fine-tuning (restores the pretraining run)     -> <workdir>/finetune_listener
+  4. generation on the test split (one sample per clip)          -> <workdir>/generate
+Then writes <workdir>/report.md and report.json: each phase's final validation losses and the
+generated-vs-ground-truth listener error on the test split.  Rerunning resumes or reuses.
 """
 
 from __future__ import annotations
@@ -22,50 +25,94 @@ from dim_jax.training import metric_writer
 
 flags.DEFINE_string("workdir", "runs/demo", "Where the demo writes everything.")
 flags.DEFINE_integer("vq_steps", 400, "Training steps per tokenizer.")
+flags.DEFINE_integer("pretrain_steps", 150, "DIM pretraining steps.")
+flags.DEFINE_integer("finetune_steps", 300, "DIM-Listener fine-tuning steps.")
 FLAGS = flags.FLAGS
 
+# One 64-frame bucket: a single compiled shape per step function keeps the demo short.
+DEMO_MAX_LEN = 64
 
-def format_report(reports: dict[str, dict]) -> str:
+
+def _demo_data(config, data_dir: str):
+  config.data.dir = data_dir
+  config.data.synthetic = True
+  config.data.max_len = DEMO_MAX_LEN
+  config.data.bucket_boundaries = (DEMO_MAX_LEN,)
+  return config
+
+
+def _fmt(value) -> str:
+  return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def format_report(reports: dict) -> str:
   lines = ["# dim_jax demo report", "",
-           "Synthetic dyadic data (dim_jax/data/synthetic.py), tiny configs, test split.", "",
-           "## VQ-VAE tokenizers", "",
-           "Reconstruction of the test split by each tokenizer's best checkpoint (chosen on the "
-           "validation split). Unexplained = squared error / data variance (1 - R^2).", "",
-           "| role | steps | best step | pose L1 | expression L1 | pose MSE | expression MSE "
-           "| pose unexplained | expression unexplained | codes used | perplexity |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
-  for role, rep in reports.items():
+           "Synthetic dyadic data (dim_jax/data/synthetic.py), tiny configs "
+           "(configs/vq_tiny.py, configs/dim.py:size=tiny), 64-frame windows.", "",
+           "## 1. VQ-VAE tokenizers (test split, best checkpoint by validation)", "",
+           "Unexplained = squared error / data variance (1 - R^2).", "",
+           "| role | steps | pose L1 | expression L1 | pose unexplained "
+           "| expression unexplained | codes used | perplexity |",
+           "|---|---|---|---|---|---|---|---|"]
+  for role in ("listener", "speaker"):
+    rep = reports[f"vq_{role}"]
     t = rep["test"]
-    lines.append(f"| {role} | {rep['step']} | {rep['best_step']} | {t['pose_l1']:.4f} | "
-                 f"{t['expression_l1']:.4f} | {t['pose_mse']:.5f} | {t['expression_mse']:.4f} | "
+    lines.append(f"| {role} | {rep['step']} | {t['pose_l1']:.4f} | {t['expression_l1']:.4f} | "
                  f"{t['pose_unexplained']:.3f} | {t['expression_unexplained']:.3f} | "
                  f"{t['codes_used']} / {rep['codebook_size']} | {t['perplexity']:.1f} |")
+  for name, title in (("pretrain", "2. DIM pretraining"),
+                      ("finetune_listener", "3. DIM-Listener fine-tuning")):
+    rep = reports[name]
+    lines += ["", f"## {title} (validation split, teacher forced, step {rep['step']}, "
+              f"best {rep['best_step']})", "", "| term | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(rep["val"].items())]
+  gen = reports["generate"]
+  lines += ["", "## 4. Generated listener motion vs ground truth (test split)", "",
+            f"{gen['clips']} clips, {gen['num_samples']} sample each, sampling "
+            f"{gen['sampling']}, first token: {gen['start']}.", "",
+            "| pose L1 | expression L1 | pose MSE | expression MSE |", "|---|---|---|---|",
+            f"| {gen['pose_l1']:.4f} | {gen['expression_l1']:.4f} | {gen['pose_mse']:.5f} | "
+            f"{gen['expression_mse']:.4f} |", "",
+            "Files: generate/generated/sample_0/<clip>.npy ((T, 56) each) and sampling.json."]
   return "\n".join(lines) + "\n"
 
 
-def run_demo(workdir: str, vq_steps: int = 400) -> dict:
+def run_demo(workdir: str, vq_steps: int = 400, pretrain_steps: int = 150,
+             finetune_steps: int = 300) -> dict:
   data_dir = os.path.join(workdir, "data")
+  path = lambda name: os.path.join(workdir, name)
   reports = {}
   for role in ("listener", "speaker"):
-    config = config_lib.shrink_to_tiny(config_lib.vq_config(role))
-    config.data.dir = data_dir
+    config = _demo_data(config_lib.shrink_to_tiny(config_lib.vq_config(role)), data_dir)
     config.train.num_steps = vq_steps
-    reports[role] = phases.run(config, os.path.join(workdir, f"vq_{role}"))
+    reports[f"vq_{role}"] = phases.run(config, path(f"vq_{role}"))
+  for phase, steps in (("pretrain", pretrain_steps), ("finetune_listener", finetune_steps)):
+    config = _demo_data(config_lib.shrink_dim_to_tiny(config_lib.dim_config(phase)), data_dir)
+    config.train.num_steps = steps
+    config.train.eval_every_steps = max(steps // 3, 1)
+    config.train.checkpoint_every_steps = config.train.eval_every_steps
+    config.init.speaker_vq, config.init.listener_vq = path("vq_speaker"), path("vq_listener")
+    if phase != "pretrain":
+      config.init.pretrain = path("pretrain")
+    reports[phase] = phases.run(config, path(phase))
+  config = _demo_data(config_lib.generate_config(), data_dir)
+  config.init.model = path("finetune_listener")
+  reports["generate"] = phases.run(config, path("generate"))
   text = format_report(reports)
-  phases.write_json_atomic(os.path.join(workdir, "report.json"), {"vq": reports})
-  tmp = os.path.join(workdir, "report.md.tmp")
+  phases.write_json_atomic(path("report.json"), reports)
+  tmp = path("report.md.tmp")
   with open(tmp, "w", encoding="utf-8") as f:
     f.write(text)
-  os.replace(tmp, os.path.join(workdir, "report.md"))
+  os.replace(tmp, path("report.md"))
   print(text)
-  print(f"Report: {os.path.join(workdir, 'report.md')}")
+  print(f"Report: {path('report.md')}")
   return reports
 
 
 def main(argv):
   del argv
   metric_writer.quiet_library_logs()
-  run_demo(FLAGS.workdir, FLAGS.vq_steps)
+  run_demo(FLAGS.workdir, FLAGS.vq_steps, FLAGS.pretrain_steps, FLAGS.finetune_steps)
 
 
 if __name__ == "__main__":

@@ -253,11 +253,13 @@ def generate_tokens(decoder: Any, decoder_params: Any, *, first_tokens: Array, l
   # Only positions 0..length-2 are ever fed, so the cache needs length-1 slots.  float32
   # whatever decoder.dtype: attention casts K/V to the compute dtype as in `__call__`.
   cache = decoder.init_cache(batch, length - 1)
+  # The context is fixed: project it to cross-attention K/V once, not at every token.
+  cross_kv = decoder.apply(variables, context, method=type(decoder).precompute_cross)
 
   def step(carry, t):
     cache, prev = carry
     logits, cache = decoder.apply(variables, prev[:, None], t - 1, cache, context, context_mask,
-                                  method=type(decoder).decode_step)
+                                  cross_kv, method=type(decoder).decode_step)
     token = sample_next(jax.random.fold_in(rng, t), logits[:, -1], sampling)
     return (cache, token), token
 

@@ -156,16 +156,19 @@ def test_decoder_kv_cache_matches_full_forward():
   params = jax.jit(ours.init)(jax.random.PRNGKey(0), tokens, context, cmask)
   full = np.asarray(jax.jit(ours.apply)(params, tokens, context, cmask))
 
-  step = jax.jit(lambda p, t, i, c: ours.apply(p, t, i, c, context, cmask,
-                                               method=TokenDecoder.decode_step))
-  cache = ours.init_cache(b, MAX_LEN)
-  # Prefill with 3 tokens, then one token at a time.
-  logits, cache = step(params, tokens[:, :3], jnp.int32(0), cache)
-  outs = [np.asarray(logits)]
-  for i in range(3, n):
-    logits, cache = step(params, tokens[:, i:i + 1], jnp.int32(i), cache)
-    outs.append(np.asarray(logits))
-  np.testing.assert_allclose(np.concatenate(outs, axis=1), full, atol=ATOL)
+  cross_kv = ours.apply(params, context, method=TokenDecoder.precompute_cross)
+  assert len(cross_kv) == DEPTH
+  for precomputed in (None, cross_kv):  # context projected per step, or once up front
+    step = jax.jit(lambda p, t, i, c, kv: ours.apply(p, t, i, c, context, cmask, kv,
+                                                     method=TokenDecoder.decode_step))
+    cache = ours.init_cache(b, MAX_LEN)
+    # Prefill with 3 tokens, then one token at a time.
+    logits, cache = step(params, tokens[:, :3], jnp.int32(0), cache, precomputed)
+    outs = [np.asarray(logits)]
+    for i in range(3, n):
+      logits, cache = step(params, tokens[:, i:i + 1], jnp.int32(i), cache, precomputed)
+      outs.append(np.asarray(logits))
+    np.testing.assert_allclose(np.concatenate(outs, axis=1), full, atol=ATOL)
 
 
 def test_bf16_compute_close():

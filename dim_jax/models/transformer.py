@@ -36,8 +36,8 @@ Parameter names mirror the torch module tree, so export is a renaming plus trans
 
 Not implemented (unused by DIM): dropout (DIM uses none in these stacks), memory tokens,
 prepend embeds, rotary/relative positions, flash attention.  Incremental decoding is supported
-through `TokenDecoder.init_cache` / `decode_step` (self-attention K/V cache; cross-attention
-K/V are recomputed from the context every step, which is cheap at DIM sizes).
+through `TokenDecoder.init_cache` / `decode_step` (self-attention K/V cache) and
+`precompute_cross` (cross-attention K/V of the context, computed once per sequence).
 """
 
 from __future__ import annotations
@@ -126,7 +126,8 @@ class Attention(nn.Module):
   def __call__(self, x: Array, context: Optional[Array] = None,
                key_mask: Optional[Array] = None, query_mask: Optional[Array] = None,
                causal: bool = False, cache: Optional[dict] = None,
-               cache_index: Optional[Array] = None) -> tuple[Array, Optional[dict]]:
+               cache_index: Optional[Array] = None, cross_kv: Optional[tuple] = None,
+               kv_only: bool = False) -> tuple[Array, Optional[dict]]:
     """Multi-head attention.
 
     Args:
@@ -140,17 +141,25 @@ class Attention(nn.Module):
         at `cache_index`; attention then runs over the whole buffer (keys beyond the written
         prefix are masked by `key_mask`, which the caller builds).
       cache_index: scalar int position of x[:, 0] in the cache.
+      cross_kv: precomputed (k, v) [B, H, Nk, dh] of `context` (generation computes them
+        once per sequence instead of once per token).
+      kv_only: return those (k, v) for `context` and nothing else.
 
     Returns:
-      ([B, Nq, dim] float32, updated cache or None).
+      ([B, Nq, dim] float32, updated cache or None); with kv_only, (k, v).
     """
     h, dh = self.heads, self.dim_head
     kv_in = x if context is None else context
-    q = Linear(h * dh, dtype=self.dtype, name="to_q")(x)
-    k = Linear(h * dh, dtype=self.dtype, name="to_k")(kv_in)
-    v = Linear(h * dh, dtype=self.dtype, name="to_v")(kv_in)
     split = lambda t: t.reshape(t.shape[:2] + (h, dh)).transpose(0, 2, 1, 3)  # b h n d
-    q, k, v = split(q), split(k), split(v)
+    if kv_only:
+      return (split(Linear(h * dh, dtype=self.dtype, name="to_k")(kv_in)),
+              split(Linear(h * dh, dtype=self.dtype, name="to_v")(kv_in)))
+    q = split(Linear(h * dh, dtype=self.dtype, name="to_q")(x))
+    if cross_kv is not None:
+      k, v = cross_kv
+    else:
+      k = split(Linear(h * dh, dtype=self.dtype, name="to_k")(kv_in))
+      v = split(Linear(h * dh, dtype=self.dtype, name="to_v")(kv_in))
     new_cache = None
     if cache is not None:
       k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, 0, cache_index, 0))
@@ -211,7 +220,8 @@ class AttentionLayers(nn.Module):
   def __call__(self, x: Array, mask: Optional[Array] = None, causal: bool = False,
                context: Optional[Array] = None, context_mask: Optional[Array] = None,
                cache: Optional[list] = None, cache_index: Optional[Array] = None,
-               self_key_mask: Optional[Array] = None) -> tuple[Array, Optional[list]]:
+               self_key_mask: Optional[Array] = None, cross_kv: Optional[list] = None,
+               cross_kv_only: bool = False) -> tuple[Any, Optional[list]]:
     """Runs the stack.
 
     Args:
@@ -224,15 +234,22 @@ class AttentionLayers(nn.Module):
       cache_index: position of x[:, 0] in the cache.
       self_key_mask: overrides the self-attention key mask (used with a cache, where keys
         span the whole buffer while queries are only the new positions).
+      cross_kv: per cross-attention layer (k, v) of `context`, from a `cross_kv_only` call.
+      cross_kv_only: only compute those (k, v) (x is ignored): returns (list, None).
 
     Returns:
       ([B, N, dim] float32 after the final norm, updated cache list or None).
     """
     if self.cross_attend and context is None:
       raise ValueError("cross_attend stack needs a context")
+    if cross_kv_only:
+      return [Attention(self.dim, self.heads, self.dim_head, self.dtype, name=f"layers_{i}")(
+                  None, context=context, kv_only=True)
+              for i in range(self.depth * len(self.block))
+              if self.block[i % len(self.block)] == "c"], None
     x = x.astype(jnp.float32)
     new_cache = [] if cache is not None else None
-    a_idx = 0
+    a_idx = c_idx = 0
     for i in range(self.depth * len(self.block)):
       kind = self.block[i % len(self.block)]
       y = LayerNorm(name=f"layers_{i}_norm")(x)
@@ -247,7 +264,9 @@ class AttentionLayers(nn.Module):
         a_idx += 1
       elif kind == "c":
         out, _ = Attention(self.dim, self.heads, self.dim_head, self.dtype, name=f"layers_{i}")(
-            y, context=context, key_mask=context_mask, query_mask=mask)
+            y, context=context, key_mask=context_mask, query_mask=mask,
+            cross_kv=None if cross_kv is None else cross_kv[c_idx])
+        c_idx += 1
       else:
         out = FeedForward(self.dim, dtype=self.dtype, name=f"layers_{i}")(y)
       x = x + out
@@ -471,8 +490,13 @@ class TokenDecoder(nn.Module):
     shape = (batch, self.heads, length, self.dim_head)
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(self.depth)]
 
+  def precompute_cross(self, context: Array) -> list:
+    """Cross-attention (k, v) of `context` for every decoder layer (pass to decode_step)."""
+    return self.attn_layers(None, context=context, cross_kv_only=True)[0]
+
   def decode_step(self, tokens: Array, index: Array, cache: list, context: Array,
-                  context_mask: Optional[Array] = None) -> tuple[Array, list]:
+                  context_mask: Optional[Array] = None,
+                  cross_kv: Optional[list] = None) -> tuple[Array, list]:
     """Incremental decoding: logits for `tokens` placed at positions index..index+n-1.
 
     Equivalent to running `__call__` on the full prefix and keeping the last n rows (no
@@ -484,6 +508,8 @@ class TokenDecoder(nn.Module):
       index: scalar int32, position of tokens[:, 0].
       cache: from `init_cache` (or the previous step).
       context: [B, M, dim]; context_mask: [B, M] bool or None.
+      cross_kv: `precompute_cross(context)`, so the context is projected once per sequence
+        rather than at every token (the result is the same).
 
     Returns:
       ([B, n, num_tokens] logits, updated cache).
@@ -495,7 +521,8 @@ class TokenDecoder(nn.Module):
     # Keys beyond the written prefix are masked by causality (qpos offset by index).
     x, cache = self.attn_layers(x, causal=True, context=context, context_mask=context_mask,
                               cache=cache, cache_index=index,
-                              self_key_mask=jnp.ones((tokens.shape[0], length), bool))
+                              self_key_mask=jnp.ones((tokens.shape[0], length), bool),
+                              cross_kv=cross_kv)
     return self.to_logits(x), cache
 
   def to_torch_state_dict(self, params: dict) -> dict[str, np.ndarray]:
