@@ -187,6 +187,10 @@ class DIMTask:
     if phase not in PHASES:
       raise ValueError(f"config.phase={phase!r}; expected one of {PHASES}")
     init = config.init
+    ablation = config.get("ablation", "none")
+    if ablation == "no_pretrain" and (phase == "pretrain" or init.pretrain):
+      raise ValueError("ablation=no_pretrain is a fine-tune phase with init.pretrain='' "
+                       f"(got phase={phase!r}, init.pretrain={init.pretrain!r})")
     if phase == "pretrain" or not init.pretrain:
       if not (init.speaker_vq and init.listener_vq):
         raise ValueError(f"phase {phase}: set init.speaker_vq and init.listener_vq to the "

@@ -45,10 +45,17 @@ class MetricWriter:
 
 
 class _DropLibraryInfo(logging.Filter):
-  """Orbax logs every save stage at INFO; keep its warnings, drop the chatter."""
+  """Orbax logs every save stage at INFO; keep its real warnings, drop the chatter."""
+
+  # Read-only managers (phase chaining reads earlier checkpoints) announce their options.
+  _EXPECTED = ("read_only=True", "Given directory is read only")
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+    if "/orbax/" not in record.pathname:
+      return True
+    if record.levelno == logging.WARNING and any(m in str(record.msg) for m in self._EXPECTED):
+      return False
+    return record.levelno >= logging.WARNING
 
 
 def quiet_library_logs() -> None:

@@ -321,6 +321,9 @@ def train_and_evaluate(config, workdir: str, task) -> dict:
       if preemption.requested:
         logging.warning("SIGTERM: checkpoint saved at step %d, exiting", step)
         break
+  if val_metrics is None and not preemption.requested:
+    # A finished run reopened (nothing left to train): report its validation metrics anyway.
+    val_metrics = run_validation(state["params"])
   ckpt.close()
   writer.close()
   return dict(val=val_metrics, step=int(jax.device_get(state["step"])),
