@@ -245,27 +245,6 @@ def test_info_nce_matches_official_formula_and_ignores_padding_and_fillers():
 
 
 
-def test_info_nce_gradient_is_finite_with_filler_rows():
-  """A filler example (evaluation batches carry them) pools to the zero vector; it must not
-  turn the gradient into NaN (which would reach every parameter through the encoders)."""
-  rng = np.random.default_rng(6)
-  frames, width = 12, 8
-  lengths = [12, 5, 0, 9, 3]
-  mask = prefix_mask(lengths, frames)
-  example_valid = mask.any(1)
-  s_full = rng.normal(size=(5, frames, width)).astype(np.float32)
-  l_full = rng.normal(size=(5, frames, width)).astype(np.float32)
-  grad = jax.jit(jax.grad(lambda a, b: dim_tasks.info_nce(a, b, jnp.asarray(mask),
-                                                          jnp.asarray(example_valid), 0.05,
-                                                          True)[0],
-                          argnums=(0, 1)))(jnp.asarray(s_full), jnp.asarray(l_full))
-  for g in grad:
-    g = np.asarray(g)
-    assert np.all(np.isfinite(g))
-    assert np.all(g[~mask] == 0)
-    assert np.any(g[mask] != 0)
-
-
 # --- 3. cross-entropy and teacher forcing ---------------------------------------------------
 
 def official_shift(x, start_token=None):
@@ -472,14 +451,14 @@ def test_each_phase_loss_falls_on_synthetic_data(trained):
   for k in ce_terms:
     assert last[k] < 0.7 * first[k], (phase, k, first[k], last[k])
   if phase == "finetune_listener":
-    # Official SLMFT freezes the VQ decoder and the continuous loss goes through argmax, so
-    # only the cross-entropy can fall.
+    # Official SLMFT freezes the VQ decoder and the continuous loss goes through argmax (no
+    # gradient), so the fall comes from the cross-entropy.
     assert last["loss"] < first["loss"] - 0.5 * (first["ce_listener"] - last["ce_listener"])
   else:
     assert last["loss"] < 0.7 * first["loss"], (phase, first["loss"], last["loss"])
 
 
-# --- 7. phase chaining: VQ -> pretrain -> fine-tune -----------------------------------------
+# --- 7. phase chaining: VQ checkpoints -> pretrain (whole trainer) -> fine-tune --------------
 
 # max_seq_len 128: the pretraining joint encoder sees both roles (2 x 64 frames).
 CHAIN_DIM = dict(dim=32, depth=1, heads=2, dim_head=16, max_seq_len=128, num_tokens=16,
@@ -522,13 +501,13 @@ def dim_chain_config(phase, data_dir, steps=2, ablation="none"):
 
 def write_vq_checkpoint(workdir, role, data_dir, seed):
   """A finished `vq` phase's workdir as the trainer leaves it (Orbax state with `params`,
-  meta = the VQ task's model meta + run config), holding a freshly initialised tiny
-  tokenizer: training the VQ phase is tests/test_training.py's job, and skipping it here
-  keeps this file fast."""
+  meta = the VQ task's model meta + run config), holding an untrained tiny tokenizer with
+  random weights: training the VQ phase is tests/test_training.py's job, and skipping it
+  here keeps this file fast."""
   config = vq_chain_config(role, data_dir)
   task = vq.VQTask.from_config(config)
   batch = {f"{role}_motion": jnp.zeros((1, 8, 56)), "mask": jnp.ones((1, 8), bool)}
-  params = jax.jit(task.init_params)(jax.random.PRNGKey(seed), batch)
+  params = random_params(jax.eval_shape(task.init_params, jax.random.PRNGKey(0), batch), seed)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=2)
   meta = dict(task.model_meta(), config=json.loads(config.to_json_best_effort()),
               batches_consumed=2)
@@ -675,8 +654,15 @@ def test_phase_chaining_errors_are_clear(chain, tmp_path):
   config.init.listener_vq = chain["listener"]
   with pytest.raises(checkpointing.CheckpointMismatchError, match="not a VQ-VAE"):
     dim_tasks.DIMTask.from_config(config)
-  # A vocabulary that is not the tokenizers' codebook.
+  # The no-pretraining ablation naming a pretraining run is a contradiction.
+  config = dim_chain_config("finetune_listener", data_dir, ablation="no_pretrain")
+  config.init.pretrain = chain["pretrain"]
+  with pytest.raises(ValueError, match="no_pretrain"):
+    dim_tasks.DIMTask.from_config(config)
+  config = dim_chain_config("pretrain", data_dir)
   config.init.speaker_vq = chain["speaker"]
+  config.init.listener_vq = chain["listener"]
+  # A vocabulary that is not the tokenizers' codebook.
   config.model.num_tokens = 32
   with pytest.raises(ValueError, match="num_tokens"):
     dim_tasks.DIMTask.from_config(config)
@@ -925,3 +911,103 @@ def test_official_parameter_counts():
   shapes = jax.eval_shape(finetune.init_params, jax.random.PRNGKey(0), batch)
   assert "pos_emb" not in shapes["dim"]["joint_decoder"]
   assert count(shapes) == 149_853_808
+
+
+# --- 2b. InfoNCE gradient with filler rows (kept last: it fails on a reported bug) ---------
+
+def test_info_nce_gradient_is_finite_with_filler_rows():
+  """A filler example (evaluation batches carry them) pools to the zero vector; it must not
+  turn the gradient into NaN (which would reach every parameter through the encoders).
+
+  Fails while `info_nce` normalises with `v / maximum(jnp.linalg.norm(v), 1e-12)`: the value
+  is clamped but the norm's derivative at v = 0 is 0/0 = NaN, and masked_mean's backward
+  multiplies it by the zero frame weights (0 * NaN = NaN).  torch's F.normalize has the same
+  forward; `v * rsqrt(maximum(sum(v * v), 1e-24))` has it too, with a finite gradient."""
+  rng = np.random.default_rng(6)
+  frames, width = 12, 8
+  lengths = [12, 5, 0, 9, 3]
+  mask = prefix_mask(lengths, frames)
+  example_valid = mask.any(1)
+  s_full = rng.normal(size=(5, frames, width)).astype(np.float32)
+  l_full = rng.normal(size=(5, frames, width)).astype(np.float32)
+  grad = jax.jit(jax.grad(lambda a, b: dim_tasks.info_nce(a, b, jnp.asarray(mask),
+                                                          jnp.asarray(example_valid), 0.05,
+                                                          True)[0],
+                          argnums=(0, 1)))(jnp.asarray(s_full), jnp.asarray(l_full))
+  for g in grad:
+    g = np.asarray(g)
+    assert np.all(np.isfinite(g))
+    assert np.all(g[~mask] == 0)
+    assert np.any(g[mask] != 0)
+
+
+# --- phase `generate` -----------------------------------------------------------------------
+
+def _generate_config(data_dir, model_dir, num_samples, temperature, max_len=16):
+  config = config_lib.generate_config()
+  config.data.dir = data_dir
+  # 16-frame windows: the 20-40-frame test clips are generated in 2-3 windows and must be
+  # reassembled into one (T, 56) file each.
+  config.data.max_len = max_len
+  config.data.bucket_boundaries = (max_len,)
+  config.init.model = model_dir
+  config.generate.num_samples = num_samples
+  config.generate.batch_size = 4
+  config.generate.sampling.temperature = temperature
+  return config
+
+
+def test_generate_phase_writes_one_file_per_clip_and_sample(chain):
+  config = dim_chain_config("finetune_listener", chain["data_dir"], steps=2)
+  config.init.pretrain = chain["pretrain"]
+  finetune_dir = str(chain["root"] / "generate_finetune")
+  phases.run(config, finetune_dir)
+  clips = {c["clip_id"]: c for c in records.read_clips(chain["data_dir"], "test")}
+  assert max(c["length"] for c in clips.values()) > 16  # windows really are reassembled
+
+  out = str(chain["root"] / "generate_sampled")
+  summary = phases.run(_generate_config(chain["data_dir"], finetune_dir, 2, 1.0), out)
+  assert summary["clips"] == len(clips) and summary["role"] == "listener"
+  settings = json.load(open(os.path.join(out, "generated", "sampling.json")))
+  assert settings["num_samples"] == 2 and settings["sampling"]["top_k_fraction"] == 0.1
+  assert settings["start"] == "ground_truth"
+  differs = 0
+  for clip_id, clip in clips.items():
+    samples = [np.load(os.path.join(out, "generated", f"sample_{k}", f"{clip_id}.npy"))
+               for k in range(2)]
+    for sample in samples:
+      assert sample.shape == (clip["length"], 56) and sample.dtype == np.float32
+      assert np.all(np.isfinite(sample)) and np.abs(sample).sum() > 0
+    differs += not np.array_equal(samples[0], samples[1])
+  assert differs > 0  # independent samples of the same clip
+  # The summary's errors are those of the written files against the ground truth.
+  diff = np.concatenate([np.load(os.path.join(out, "generated", f"sample_{k}", f"{c}.npy"))
+                         - clips[c]["listener_motion"] for c in clips for k in range(2)])
+  np.testing.assert_allclose(summary["expression_l1"], np.abs(diff[:, 6:]).mean(), rtol=1e-4)
+  np.testing.assert_allclose(summary["pose_mse"], np.square(diff[:, :6]).mean(), rtol=1e-4)
+
+  # Greedy generation is deterministic and independent of the window batching order.
+  greedy_a = str(chain["root"] / "generate_greedy_a")
+  greedy_b = str(chain["root"] / "generate_greedy_b")
+  phases.run(_generate_config(chain["data_dir"], finetune_dir, 1, 0.0), greedy_a)
+  config_b = _generate_config(chain["data_dir"], finetune_dir, 1, 0.0)
+  config_b.generate.batch_size = 2
+  config_b.generate.seed = 7
+  phases.run(config_b, greedy_b)
+  for clip_id in clips:
+    a = np.load(os.path.join(greedy_a, "generated", "sample_0", f"{clip_id}.npy"))
+    b = np.load(os.path.join(greedy_b, "generated", "sample_0", f"{clip_id}.npy"))
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_generate_refuses_models_that_cannot_generate(chain, tmp_path):
+  config = _generate_config(chain["data_dir"], chain["pretrain"], 1, 1.0)
+  with pytest.raises(checkpointing.CheckpointMismatchError, match="fine-tuned"):
+    phases.run(config, str(tmp_path / "out"))
+  config.init.model = str(tmp_path / "nowhere")
+  with pytest.raises(FileNotFoundError, match="nowhere"):
+    phases.run(config, str(tmp_path / "out"))
+  config.init.model = chain["pretrain"]
+  config.generate.sampling.top_p = 1.5
+  with pytest.raises(ValueError, match="top_p"):
+    phases.run(config, str(tmp_path / "out"))

@@ -82,9 +82,12 @@ class Linear(nn.Module):
     """x: [..., in] -> [..., features] float32."""
     fan_in = x.shape[-1]
     kernel = self.param("kernel", _torch_linear_kernel_init, (fan_in, self.features), jnp.float32)
+    # As a 2-D matmul (leading dims flattened, like torch): the weight gradient is then one
+    # plain GEMM, which XLA:CPU runs much faster than a contraction over batch and time.
+    lead = x.shape[:-1]
     y = jax.lax.dot_general(
-        x.astype(self.dtype), kernel.astype(self.dtype),
-        (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        x.reshape(-1, fan_in).astype(self.dtype), kernel.astype(self.dtype),
+        (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32).reshape(lead + (self.features,))
     if self.use_bias:
       bound = 1.0 / np.sqrt(fan_in)
       bias = self.param(

@@ -154,7 +154,8 @@ class Checkpointer:
       if problems:
         raise CheckpointMismatchError(
             f"checkpoint {self.directory}/{step} does not match the model:\n  "
-            + "\n  ".join(problems[:50]))
+            + "\n  ".join(problems[:50])
+            + (f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""))
     restored = self.manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
     return restored["state"]

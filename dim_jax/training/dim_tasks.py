@@ -76,7 +76,9 @@ def info_nce(speaker_features: jax.Array, listener_features: jax.Array, mask: ja
   """
   s = masked_mean(speaker_features, mask)
   l = masked_mean(listener_features, mask)
-  normalize = lambda v: v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+  # torch F.normalize (eps 1e-12) with a finite gradient at 0: filler rows pool to zero.
+  normalize = lambda v: v * jax.lax.rsqrt(
+      jnp.maximum(jnp.sum(jnp.square(v), axis=-1, keepdims=True), 1e-24))
   total = normalize(s) @ normalize(l).T / temperature
   pair_ok = example_valid[:, None] & example_valid[None, :]
   total = jnp.where(pair_ok, total, -jnp.inf)
@@ -219,6 +221,11 @@ class DIMTask:
     speaker_vq = vqvae.VQVAE(_vq_config(speaker_vq_cfg))
     listener_vq = vqvae.VQVAE(_vq_config(listener_vq_cfg))
     model_cfg = dim_lib.dim_config_from(config.model)
+    longest = int(config.data.max_len) * (2 if phase == "pretrain" and model_cfg.two_branch else 1)
+    if longest > model_cfg.max_seq_len:
+      raise ValueError(f"model.max_seq_len={model_cfg.max_seq_len} < {longest}: the "
+                       + ("joint encoder sees both roles, 2 x data.max_len frames"
+                          if phase == "pretrain" else "data.max_len"))
     for role, vq in (("speaker", speaker_vq), ("listener", listener_vq)):
       if vq.config.codebook_size != model_cfg.num_tokens:
         raise ValueError(f"model.num_tokens={model_cfg.num_tokens} but the {role} VQ-VAE has "
@@ -289,7 +296,8 @@ class DIMTask:
       if missing_or_shape:
         raise checkpointing.CheckpointMismatchError(
             f"{workdir} (phase {meta.get('phase')}, step {meta.get('step')}) does not fit "
-            f"{subtree or 'this model'}:\n  " + "\n  ".join(missing_or_shape[:50]))
+            f"{subtree or 'this model'}:\n  " + "\n  ".join(missing_or_shape[:50])
+            + (f"\n  ... and {len(missing_or_shape) - 50} more" if len(missing_or_shape) > 50 else ""))
       if unused:
         logging.info("%s: %d checkpoint leaves not used by %s (e.g. %s)", workdir, len(unused),
                      self.name, unused[0])

@@ -66,7 +66,15 @@ def train_step(state: dict, batch: dict, *, task, optimizer,
                trainable: Optional[PyTree] = None) -> tuple[dict, dict]:
   """One optimizer step; the step's rng is `fold_in(state.rng, step)` so resume replays it."""
   rng = jax.random.fold_in(state["rng"], state["step"])
-  grad_fn = jax.value_and_grad(task.loss_fn, has_aux=True)
+  loss_fn = task.loss_fn
+  if trainable is not None:
+    # Frozen leaves enter the loss as constants, so XLA drops their backward pass entirely
+    # (e.g. the frozen VQ decoder behind the continuous loss), as torch does for
+    # requires_grad=False.
+    def loss_fn(params, batch, rng):
+      params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
+      return task.loss_fn(params, batch, rng)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   (loss, metrics), grads = grad_fn(state["params"], batch, rng)
   if trainable is not None:
     grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable)
