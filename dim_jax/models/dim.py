@@ -206,13 +206,9 @@ class DIM(nn.Module):
     else:
       joint_speaker = self.joint_norm(self.joint_encoder(speaker_x, mask))
       joint_listener = self.joint_norm(self.joint_encoder(listener_x, mask))
-    # The joint encoder on each role alone (contrastive features), both roles in one call.
-    b = speaker_x.shape[0]
-    alone = self.joint_encoder(jnp.concatenate([speaker_x, listener_x], axis=0),
-                               jnp.concatenate([mask, mask], axis=0))
     return dict(joint_speaker=joint_speaker, joint_listener=joint_listener,
-                speaker_alone=self.speaker_norm(alone[:b]),
-                listener_alone=self.listener_norm(alone[b:]))
+                speaker_alone=self.speaker_norm(self.joint_encoder(speaker_x, mask)),
+                listener_alone=self.listener_norm(self.joint_encoder(listener_x, mask)))
 
   def encode_speaker(self, speaker_motion: Array, mask: Array, causal: bool = True) -> Array:
     """DIM-Listener encoder pass (official `SLMFT.forward_encoder`): [B, T, dim].

@@ -365,14 +365,6 @@ class DIMTask:
       frames = shifted != IGNORE
     return (logits if cfg.output == "tokens" else None), motion, frames, ce, r_dec
 
-  def _scored_targets(self, tokens, hidden):
-    """The targets `_predict_role` scores its logits against (-100 = not scored)."""
-    cfg = self.model.config
-    targets = jnp.where(hidden, tokens, IGNORE)
-    if cfg.output == "tokens" and cfg.decoding != "parallel":
-      return teacher_forcing(targets, self._start())[1]
-    return targets
-
   def _continuous(self, params, role, logits, motion, frames, target, mask, rng, train):
     """Pairwise-distance sums of the decoded prediction against `target` on `frames`."""
     n = frames.shape[1]
@@ -419,31 +411,11 @@ class DIMTask:
       context = self.model.apply({"params": params["dim"]}, feats, audio, "listener",
                                  method=dim_lib.DIM.decoder_context)
       jobs = (("speaker", speaker, mask, context, r_s),)
-    tokens_of = lambda role, motion: (
-        jnp.zeros(mask.shape, jnp.int32) if self.model.config.output == "continuous"
-        else self._tokens(params, role, motion, mask))
-    if len(jobs) == 2:
-      # Both roles through the shared joint decoder in one call (batch 2B): the same result
-      # as two calls, with GEMMs twice as tall (faster on every backend).
-      (_, motion_s, hidden_s, context_s, r), (_, motion_l, hidden_l, context_l, _) = jobs
-      tokens = jnp.concatenate([tokens_of("speaker", motion_s), tokens_of("listener", motion_l)])
-      both_hidden = jnp.concatenate([hidden_s, hidden_l])
-      logits, pred_motion, frames, _, r_dec = self._predict_role(
-          params, "both", tokens, both_hidden, jnp.concatenate([context_s, context_l]),
-          jnp.concatenate([mask, mask]), r, train)
-      targets = self._scored_targets(tokens, both_hidden)
-      b = mask.shape[0]
-      half = lambda x, i: None if x is None else x[i * b:(i + 1) * b]
-      outputs = [(role, motion, half(logits, i), half(pred_motion, i), half(frames, i),
-                  None if logits is None else cross_entropy_sums(half(logits, i), half(targets, i)),
-                  jax.random.fold_in(r_dec, i))
-                 for i, (role, motion) in enumerate((("speaker", motion_s), ("listener", motion_l)))]
-    else:
-      (role, motion, hidden, context, r), = jobs
+    for role, motion, hidden, context, r in jobs:
+      tokens = (jnp.zeros(mask.shape, jnp.int32) if self.model.config.output == "continuous"
+                else self._tokens(params, role, motion, mask))
       logits, pred_motion, frames, ce, r_dec = self._predict_role(
-          params, role, tokens_of(role, motion), hidden, context, mask, r, train)
-      outputs = [(role, motion, logits, pred_motion, frames, ce, r_dec)]
-    for role, motion, logits, pred_motion, frames, ce, r_dec in outputs:
+          params, role, tokens, hidden, context, mask, r, train)
       if self.model.config.output == "tokens":
         terms[f"ce_{role}"] = (ce[0], ce[1])
         terms[f"token_accuracy_{role}"] = (ce[2], ce[1])
