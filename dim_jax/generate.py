@@ -26,7 +26,7 @@ import functools
 import logging
 import os
 import re
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +60,7 @@ class Generator:
     task = task_from_meta(meta)
     params, _ = checkpointing.load_params(workdir, step)
     abstract = jax.eval_shape(functools.partial(task.init_params, jax.random.PRNGKey(0)),
-                              trainer._dummy_batch(1))  # pylint: disable=protected-access
+                              trainer.dummy_batch(1))
     problems = checkpointing.tree_mismatches(abstract, params)
     if problems:
       raise checkpointing.CheckpointMismatchError(
@@ -152,8 +152,8 @@ def task_from_meta(meta: dict) -> dim_tasks.DIMTask:
   options = dim_tasks.LossOptions(**loss) if loss else dim_tasks.LossOptions()
   return dim_tasks.DIMTask(
       name=meta["phase"], model=model,
-      speaker_vq=vqvae.VQVAE(dim_tasks._vq_config(meta["speaker_vq"])),  # pylint: disable=protected-access
-      listener_vq=vqvae.VQVAE(dim_tasks._vq_config(meta["listener_vq"])),  # pylint: disable=protected-access
+      speaker_vq=vqvae.VQVAE(dim_tasks.vq_config_from_meta(meta["speaker_vq"])),
+      listener_vq=vqvae.VQVAE(dim_tasks.vq_config_from_meta(meta["listener_vq"])),
       options=options)
 
 

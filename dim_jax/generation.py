@@ -140,12 +140,6 @@ def _as_float(name: str, value: Any) -> float:
   return float(value)
 
 
-def sampling_config() -> "ml_collections.ConfigDict":  # noqa: F821
-  """The official defaults as a ConfigDict (for config files): temperature 1, top-k 10%."""
-  import ml_collections  # local: keep this module importable without it.
-  return ml_collections.ConfigDict(SamplingConfig().to_dict())
-
-
 # Filtering.
 
 
@@ -349,7 +343,7 @@ def split_samples(x: Array, num_samples: int) -> Array:
 
 
 __all__ = [
-    "SamplingConfig", "sampling_config", "filter_logits", "top_k_filter", "top_p_filter",
+    "SamplingConfig", "filter_logits", "top_k_filter", "top_p_filter",
     "sample_next", "generate_tokens", "generate_tokens_uncached", "make_generate_fn",
     "repeat_for_samples", "split_samples",
 ]

@@ -323,7 +323,8 @@ def test_samples_differ_and_are_reproducible():
 
 
 def test_config_round_trip():
-  cfg = gen.sampling_config()
+  from dim_jax import config_lib  # the generate phase's config holds the official defaults
+  cfg = config_lib.generate_config().generate.sampling
   assert gen.SamplingConfig.from_config(cfg) == gen.SamplingConfig()
   assert gen.SamplingConfig().to_dict() == {"temperature": 1.0, "top_k": 0,
                                             "top_k_fraction": 0.1, "top_p": 0.0}

@@ -218,8 +218,8 @@ class DIMTask:
             "a DIM pretraining run")
       speaker_vq_cfg, listener_vq_cfg = meta["speaker_vq"], meta["listener_vq"]
       sources = (("", init.pretrain),)
-    speaker_vq = vqvae.VQVAE(_vq_config(speaker_vq_cfg))
-    listener_vq = vqvae.VQVAE(_vq_config(listener_vq_cfg))
+    speaker_vq = vqvae.VQVAE(vq_config_from_meta(speaker_vq_cfg))
+    listener_vq = vqvae.VQVAE(vq_config_from_meta(listener_vq_cfg))
     model_cfg = dim_lib.dim_config_from(config.model)
     longest = int(config.data.max_len) * (2 if phase == "pretrain" and model_cfg.two_branch else 1)
     if longest > model_cfg.max_seq_len:
@@ -461,7 +461,8 @@ class DIMTask:
     return means
 
 
-def _vq_config(meta_model: dict) -> vqvae.VQConfig:
+def vq_config_from_meta(meta_model: dict) -> vqvae.VQConfig:
+  """The VQConfig recorded in a checkpoint meta (`model` of a vq phase, `*_vq` of DIM)."""
   values = dict(meta_model)
   dtype = values.pop("dtype", "float32")
   fields = {f.name for f in dataclasses.fields(vqvae.VQConfig)}

@@ -66,14 +66,13 @@ def train_step(state: dict, batch: dict, *, task, optimizer,
                trainable: Optional[PyTree] = None) -> tuple[dict, dict]:
   """One optimizer step; the step's rng is `fold_in(state.rng, step)` so resume replays it."""
   rng = jax.random.fold_in(state["rng"], state["step"])
-  loss_fn = task.loss_fn
-  if trainable is not None:
-    # Frozen leaves enter the loss as constants, so XLA drops their backward pass entirely
-    # (e.g. the frozen VQ decoder behind the continuous loss), as torch does for
-    # requires_grad=False.
-    def loss_fn(params, batch, rng):
+  def loss_fn(params, batch, rng):
+    if trainable is not None:
+      # Frozen leaves enter the loss as constants, so XLA drops their backward pass entirely
+      # (e.g. the frozen VQ decoder behind the continuous loss), as torch does for
+      # requires_grad=False.
       params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
-      return task.loss_fn(params, batch, rng)
+    return task.loss_fn(params, batch, rng)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   (loss, metrics), grads = grad_fn(state["params"], batch, rng)
   if trainable is not None:
@@ -157,7 +156,7 @@ def evaluate(task, params, *, dataset, mesh, compiled_eval, batch_size: int,
              min_frames: int = 8) -> dict[str, float]:
   """Full pass over a split; exact (sum, count) aggregation, padding never counted."""
   totals = None
-  template = dict(_dummy_batch(batch_size, min_frames), example_mask=np.zeros(batch_size, bool))
+  template = dict(dummy_batch(batch_size, min_frames), example_mask=np.zeros(batch_size, bool))
   template["mask"][:] = False
   for local in _synchronized_batches(pipeline.as_numpy(iter(dataset)), template):
     sums = compiled_eval(params, sharding_lib.to_global_batch(local, mesh))
@@ -168,7 +167,7 @@ def evaluate(task, params, *, dataset, mesh, compiled_eval, batch_size: int,
   return task.finalize_eval(totals)
 
 
-def _dummy_batch(batch_size: int, frames: int = 8) -> dict[str, np.ndarray]:
+def dummy_batch(batch_size: int, frames: int = 8) -> dict[str, np.ndarray]:
   return dict(
       speaker_motion=np.zeros((batch_size, frames, records.MOTION_DIM), np.float32),
       listener_motion=np.zeros((batch_size, frames, records.MOTION_DIM), np.float32),
@@ -219,7 +218,7 @@ def train_and_evaluate(config, workdir: str, task) -> dict:
     raise ValueError(f"train.data_state={tc.data_state!r}; expected 'iterator' or 'replay'")
   root = jax.random.PRNGKey(int(config.seed))
   init_rng, train_rng = jax.random.split(root)
-  dummy = sharding_lib.to_global_batch(_dummy_batch(local_batch), mesh)
+  dummy = sharding_lib.to_global_batch(dummy_batch(local_batch), mesh)
   trainable = None
   if hasattr(task, "trainable_mask"):
     abstract_params = jax.eval_shape(lambda r: task.init_params(r, dummy), init_rng)

@@ -8,7 +8,6 @@ losses (what per-replica negatives, the official DataParallel behaviour, would g
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from dim_jax import config_lib, sharding
