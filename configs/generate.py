@@ -14,9 +14,7 @@ def get_config(arg=None):
   args = config_lib.parse_arg(arg, size="official")
   config = config_lib.generate_config()
   if args.size == "tiny":
-    config.data.synthetic = True
-    config.data.max_len = 128
-    config.data.bucket_boundaries = (64, 128)
+    config_lib.tiny_data(config.data)
   elif args.size != "official":
     raise ValueError(f"size={args.size!r}; expected 'official' or 'tiny'")
   return config

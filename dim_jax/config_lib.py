@@ -121,21 +121,33 @@ def shrink_to_tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   config.model.codebook_size = 128
   config.model.code_dim = 32
   config.model.dropout_rate = 0.0
-  config.data.synthetic = True
-  config.data.max_len = 128
-  config.data.bucket_boundaries = (64, 128)
-  config.train.batch_size = 16
-  config.train.data_state = "replay"  # a few hundred batches replay instantly.
-  config.train.keep_checkpoints = 2
-  config.train.eval_batch_size = 16
-  config.train.num_steps = 400
-  config.train.learning_rate = 2e-3
-  config.train.weight_decay = 0.0
-  config.train.schedule = "cosine"
-  config.train.warmup_steps = 20
-  config.train.log_every_steps = 20
-  config.train.eval_every_steps = 200
-  config.train.checkpoint_every_steps = 200
+  tiny_data(config.data)
+  return tiny_training(config, num_steps=400, learning_rate=2e-3, eval_every_steps=200)
+
+
+def tiny_data(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The embedded synthetic data in windows of up to 128 frames (demo, tests, tiny configs)."""
+  data.synthetic = True
+  data.max_len = 128
+  data.bucket_boundaries = (64, 128)
+  return data
+
+
+def tiny_training(config, *, num_steps: int, learning_rate: float, eval_every_steps: int):
+  """CPU-sized training schedule shared by the tiny configs."""
+  train = config.train
+  train.batch_size = 16
+  train.eval_batch_size = 16
+  train.data_state = "replay"  # a few hundred batches replay instantly.
+  train.keep_checkpoints = 2
+  train.num_steps = num_steps
+  train.learning_rate = learning_rate
+  train.weight_decay = 0.0
+  train.schedule = "cosine"
+  train.warmup_steps = 20
+  train.log_every_steps = 20
+  train.eval_every_steps = eval_every_steps
+  train.checkpoint_every_steps = eval_every_steps
   return config
 
 
@@ -242,22 +254,8 @@ def shrink_dim_to_tiny(config: ml_collections.ConfigDict) -> ml_collections.Conf
   config.model.decoder_depth = 2
   config.model.decoder_heads = 4
   config.model.audio_projection = 64  # else the 768-wide audio makes the decoder 832 wide.
-  config.data.synthetic = True
-  config.data.max_len = 128
-  config.data.bucket_boundaries = (64, 128)
-  config.train.batch_size = 16
-  config.train.eval_batch_size = 16
-  config.train.data_state = "replay"
-  config.train.keep_checkpoints = 2
-  config.train.num_steps = 300
-  config.train.learning_rate = 1e-3
-  config.train.weight_decay = 0.0
-  config.train.schedule = "cosine"
-  config.train.warmup_steps = 20
-  config.train.log_every_steps = 20
-  config.train.eval_every_steps = 100
-  config.train.checkpoint_every_steps = 100
-  return config
+  tiny_data(config.data)
+  return tiny_training(config, num_steps=300, learning_rate=1e-3, eval_every_steps=100)
 
 
 def generate_config() -> ml_collections.ConfigDict:

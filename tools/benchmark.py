@@ -30,6 +30,31 @@ ROOT = os.path.dirname(HERE)
 PEER_BENCH = os.path.join(ROOT, "..", "shared", "peer", "bench_peer.py")
 
 
+def time_calls(call, warmup: int, steps: int) -> tuple[float, list[float]]:
+  """(first call incl. compile, timed calls after `warmup`); `call(i)` must block on its result."""
+  t0 = time.perf_counter()
+  call(-1)
+  compile_s = time.perf_counter() - t0
+  times = []
+  for i in range(warmup + steps):
+    t0 = time.perf_counter()
+    call(i)
+    if i >= warmup:
+      times.append(time.perf_counter() - t0)
+  return compile_s, times
+
+
+def train_step_calls(step_fn, state, batch):
+  """A `time_calls` callable running `step_fn` on a carried (donated) state."""
+  import jax  # pylint: disable=g-import-not-at-top
+  box = [state]
+
+  def call(_):
+    box[0], metrics = step_fn(box[0], batch)
+    jax.block_until_ready(metrics["loss"])
+  return call
+
+
 def child(case: str, batch: int, frames: int, dtype: str, warmup: int, steps: int) -> dict:
   import functools  # pylint: disable=g-import-not-at-top
   import jax
@@ -55,17 +80,7 @@ def child(case: str, batch: int, frames: int, dtype: str, warmup: int, steps: in
                opt_state=optimizer.init(params), rng=jax.random.PRNGKey(1))
   step_fn = jax.jit(functools.partial(trainer.train_step, task=task, optimizer=optimizer),
                     donate_argnums=0)
-  t0 = time.perf_counter()
-  state, metrics = step_fn(state, batch_arrays)
-  jax.block_until_ready(metrics)
-  compile_s = time.perf_counter() - t0
-  times = []
-  for i in range(warmup + steps):
-    t0 = time.perf_counter()
-    state, metrics = step_fn(state, batch_arrays)
-    jax.block_until_ready(metrics["loss"])
-    if i >= warmup:
-      times.append(time.perf_counter() - t0)
+  compile_s, times = time_calls(train_step_calls(step_fn, state, batch_arrays), warmup, steps)
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
   return dict(times=times, compile_s=compile_s, n_params=n_params)
 
@@ -97,17 +112,11 @@ def dim_child(case: str, batch: int, frames: int, dtype: str, warmup: int, steps
                mask=np.ones((batch, frames), bool))
   params = jax.jit(task.init_params)(jax.random.PRNGKey(0), local)
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
-  times = []
   if case == "generate":
     gen = generate.Generator(task=task, params=params, sampling=generation.SamplingConfig())
-    t0 = time.perf_counter()
-    jax.block_until_ready(gen(local, jax.random.PRNGKey(0))["motion"])
-    compile_s = time.perf_counter() - t0
-    for i in range(warmup + steps):
-      t0 = time.perf_counter()
-      jax.block_until_ready(gen(local, jax.random.PRNGKey(i + 1))["motion"])
-      if i >= warmup:
-        times.append(time.perf_counter() - t0)
+    compile_s, times = time_calls(
+        lambda i: jax.block_until_ready(gen(local, jax.random.PRNGKey(i + 1))["motion"]),
+        warmup, steps)
     return dict(times=times, compile_s=compile_s, n_params=n_params)
   trainable = task.trainable_mask(params)
   optimizer = trainer.make_optimizer(config.train, trainable)
@@ -115,16 +124,7 @@ def dim_child(case: str, batch: int, frames: int, dtype: str, warmup: int, steps
                opt_state=optimizer.init(params), rng=jax.random.PRNGKey(1))
   step_fn = jax.jit(functools.partial(trainer.train_step, task=task, optimizer=optimizer,
                                       trainable=trainable), donate_argnums=0)
-  t0 = time.perf_counter()
-  state, metrics = step_fn(state, local)
-  jax.block_until_ready(metrics)
-  compile_s = time.perf_counter() - t0
-  for i in range(warmup + steps):
-    t0 = time.perf_counter()
-    state, metrics = step_fn(state, local)
-    jax.block_until_ready(metrics["loss"])
-    if i >= warmup:
-      times.append(time.perf_counter() - t0)
+  compile_s, times = time_calls(train_step_calls(step_fn, state, local), warmup, steps)
   return dict(times=times, compile_s=compile_s, n_params=n_params)
 
 
