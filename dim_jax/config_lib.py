@@ -55,6 +55,9 @@ def vq_model_config() -> ml_collections.ConfigDict:
   model.codebook_size = 512
   model.code_dim = 128
   model.beta = 0.25                # commitment weight.
+  model.codebook_normalize = False  # ours: cosine-distance codes (True in the tiny config).
+  model.instance_norm = True       # official InstanceNorm after each conv (see vqvae.VQConfig).
+  model.zero_init_output = False   # ours: decoder output layer starts at 0 (True when tiny).
   model.leaky_slope = 0.2
   model.dropout_rate = 0.1         # after the positional encoding, as officially.
   # 'time' (ours) or 'official_batch_index' (the official table indexed by batch position,
@@ -108,6 +111,7 @@ def vq_config(role: str) -> ml_collections.ConfigDict:
   config.data = data_config()
   config.model = vq_model_config()
   config.train = train_config()
+  config.train.restart_dead_codes = False  # ours: re-seed unused codes (True in the tiny config).
   config.mesh = mesh_config()
   return config
 
@@ -278,4 +282,31 @@ def generate_config() -> ml_collections.ConfigDict:
   sampling.top_k_fraction = 0.1    # x-transformers top_k(frac_num_tokens); 0 = off.
   sampling.top_p = 0.0             # nucleus threshold; 0 = off.
   config.generate.sampling = sampling
+  return config
+
+
+def evaluate_config() -> ml_collections.ConfigDict:
+  """Phase `evaluate`: the model and baselines on the test split, report + plots."""
+  config = ml_collections.ConfigDict()
+  config.phase = "evaluate"
+  config.seed = 0
+  config.data = data_config()
+  config.mesh = mesh_config()
+  config.init = ml_collections.ConfigDict()
+  config.init.model = ""           # workdir of a finetune_listener / finetune_speaker run.
+  ev = config.evaluate = ml_collections.ConfigDict()
+  ev.role = "listener"             # whose motion is scored: 'listener' or 'speaker'.
+  ev.split = "test"                # the only phase that reads it.
+  ev.train_split = "train"         # what the baselines may use.
+  ev.num_seeds = 3                 # headline: one sample per clip, mean ± std over seeds.
+  ev.best_of = 10                  # oracle diagnostic row (official protocol); 0 = off.
+  ev.batch_size = 8                # clips per generation batch.
+  ev.seed = 0                      # sampling seed; Random baseline seeds seed..seed+n-1.
+  ev.kmeans_seed = 0               # SID k-means random_state (official 0).
+  ev.baselines = ("random", "mirror", "nn_motion", "nn_audio")
+  ev.protocols = ("dim_compat", "per_sequence")  # the first is the headline table.
+  ev.plot_clips = 3                # test clips drawn as trajectory plots.
+  ev.predictions = ""              # score sample_<k>/<clip>.npy files instead of a model.
+  ev.method_name = ""              # row name; '' = DIM-Listener / DIM-Speaker.
+  ev.sampling = generate_config().generate.sampling
   return config

@@ -175,6 +175,33 @@ def _save_npy_atomic(path: str, array: np.ndarray) -> None:
   os.replace(tmp, path)
 
 
+def generate_clips(generator: Generator, dataset, num_samples: int,
+                   rng: jax.Array) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """Samples every clip of a windowed eval dataset; windows are reassembled per clip.
+
+  Batch i uses `fold_in(rng, i)`. Returns {clip_id: (samples [N, T, 56], truth [T, 56])} with
+  T the clip's full length (the target role's ground truth, for scoring).
+  """
+  windows: dict[str, dict[int, np.ndarray]] = {}
+  truth: dict[str, dict[int, np.ndarray]] = {}
+  for batch_index, batch in enumerate(pipeline.as_numpy(iter(dataset))):
+    out = generator(batch, jax.random.fold_in(rng, batch_index), num_samples)
+    motion = np.asarray(jax.device_get(out["motion"]))
+    for row in np.flatnonzero(batch["example_mask"]):
+      clip = batch["clip_id"][row].decode("utf-8")
+      n = int(batch["length"][row])
+      index = int(batch["window_index"][row])
+      windows.setdefault(clip, {})[index] = motion[row, :, :n]
+      truth.setdefault(clip, {})[index] = batch[f"{generator.role}_motion"][row, :n]
+  clips = {}
+  for clip, parts in windows.items():
+    if sorted(parts) != list(range(len(parts))):
+      raise RuntimeError(f"clip {clip!r}: windows {sorted(parts)} are not consecutive")
+    clips[clip] = (np.concatenate([parts[i] for i in range(len(parts))], axis=1),
+                   np.concatenate([truth[clip][i] for i in range(len(parts))], axis=0))
+  return clips
+
+
 def run_generate(config, workdir: str) -> dict:
   """Generates for every clip of `generate.split`; returns summary errors vs ground truth."""
   from dim_jax import phases  # pylint: disable=g-import-not-at-top
@@ -195,30 +222,15 @@ def run_generate(config, workdir: str) -> dict:
       shuffle_buffer=1)
   num_samples = int(gc.num_samples)
   out_dir = os.path.join(workdir, "generated")
-  rng = jax.random.PRNGKey(int(gc.seed))
-  windows: dict[str, dict[int, np.ndarray]] = {}
-  truth: dict[str, dict[int, np.ndarray]] = {}
-  for batch_index, batch in enumerate(pipeline.as_numpy(iter(dataset))):
-    out = generator(batch, jax.random.fold_in(rng, batch_index), num_samples)
-    motion = np.asarray(jax.device_get(out["motion"]))
-    for row in np.flatnonzero(batch["example_mask"]):
-      clip = batch["clip_id"][row].decode("utf-8")
-      n = int(batch["length"][row])
-      index = int(batch["window_index"][row])
-      windows.setdefault(clip, {})[index] = motion[row, :, :n]
-      truth.setdefault(clip, {})[index] = batch[f"{generator.role}_motion"][row, :n]
-  if not windows:
+  clips = generate_clips(generator, dataset, num_samples, jax.random.PRNGKey(int(gc.seed)))
+  if not clips:
     raise records.RecordError(f"{data_dir}: split {gc.split!r} has no clips to generate for")
   errors = {"pose_abs": 0.0, "expression_abs": 0.0, "pose_sq": 0.0, "expression_sq": 0.0,
             "frames": 0}
   names = {}
   for k in range(num_samples):
     os.makedirs(os.path.join(out_dir, f"sample_{k}"), exist_ok=True)
-  for clip, parts in windows.items():
-    if sorted(parts) != list(range(len(parts))):
-      raise RuntimeError(f"clip {clip!r}: windows {sorted(parts)} are not consecutive")
-    stacked = np.concatenate([parts[i] for i in range(len(parts))], axis=1)  # [N, T, 56]
-    target = np.concatenate([truth[clip][i] for i in range(len(parts))], axis=0)
+  for clip, (stacked, target) in clips.items():
     name = clip_filename(clip)
     if name in names and names[name] != clip:
       raise ValueError(f"clip ids {names[name]!r} and {clip!r} map to the same file {name}")
@@ -233,12 +245,12 @@ def run_generate(config, workdir: str) -> dict:
     errors["frames"] += diff.shape[0] * diff.shape[1]
   frames = max(errors["frames"], 1)
   summary = dict(
-      role=generator.role, clips=len(windows), num_samples=num_samples, split=gc.split,
+      role=generator.role, clips=len(clips), num_samples=num_samples, split=gc.split,
       source=generator.source, sampling=sampling.to_dict(), seed=int(gc.seed),
       start=generator.task.model.config.start, decoding=generator.task.model.config.decoding,
       pose_l1=errors["pose_abs"] / (frames * 6), expression_l1=errors["expression_abs"] / (frames * 50),
       pose_mse=errors["pose_sq"] / (frames * 6), expression_mse=errors["expression_sq"] / (frames * 50))
   if jax.process_index() == 0:
     phases.write_json_atomic(os.path.join(out_dir, "sampling.json"), summary)
-  logging.info("generated %d clips x %d samples into %s", len(windows), num_samples, out_dir)
+  logging.info("generated %d clips x %d samples into %s", len(clips), num_samples, out_dir)
   return summary

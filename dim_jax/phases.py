@@ -9,7 +9,7 @@ import jax
 
 from dim_jax.training import checkpointing, dim_tasks, trainer, vq
 
-PHASES = ("vq", "pretrain", "finetune_listener", "finetune_speaker", "generate")
+PHASES = ("vq", "pretrain", "finetune_listener", "finetune_speaker", "generate", "evaluate")
 
 
 def run(config, workdir: str) -> dict:
@@ -20,6 +20,9 @@ def run(config, workdir: str) -> dict:
   if config.phase == "generate":
     from dim_jax import generate  # pylint: disable=g-import-not-at-top
     return generate.run_generate(config, workdir)
+  if config.phase == "evaluate":
+    from dim_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+    return evaluate.run_evaluate(config, workdir)
   return run_dim(config, workdir)
 
 
@@ -35,7 +38,7 @@ def run_dim(config, workdir: str) -> dict:
 
 
 def run_vq(config, workdir: str) -> dict:
-  """Trains a tokenizer, then evaluates its best checkpoint on the test split."""
+  """Trains a tokenizer, then reports its best checkpoint's metrics on the validation split."""
   task = vq.VQTask.from_config(config)
   result = trainer.train_and_evaluate(config, workdir, task)
   if result["preempted"]:
@@ -53,14 +56,15 @@ def run_vq(config, workdir: str) -> dict:
     ckpt.close()
   data_dir = trainer.ensure_data(config)
   local_batch = int(config.train.eval_batch_size) // jax.process_count()
-  test_ds = trainer.make_split_dataset(config, data_dir, "test", train=False,
-                                       batch_size=local_batch)
-  test = trainer.evaluate(task, params, dataset=test_ds, mesh=mesh,
+  # The best checkpoint's full validation metrics: the test split is read only by `evaluate`.
+  val_ds = trainer.make_split_dataset(config, data_dir, "val", train=False,
+                                      batch_size=local_batch)
+  best_val = trainer.evaluate(task, params, dataset=val_ds, mesh=mesh,
                           compiled_eval=result["compiled_eval"],
                           batch_size=local_batch, min_frames=min(config.data.bucket_boundaries))
   report = dict(phase="vq", role=config.role, step=result["step"], best_step=best,
                 codebook_size=int(config.model.codebook_size),
-                val=result["val"], test=test)
+                val=result["val"], best_val=best_val)
   if jax.process_index() == 0:
     write_json_atomic(os.path.join(workdir, "report.json"), report)
   return report

@@ -8,7 +8,10 @@ Cases (official sizes, float32 and bfloat16 compute):
   `finetune`  one DIM-Listener fine-tuning step (official SLMFT; batch 8 x 64);
   `generate`  latency of generating one clip (batch 1 x 64): encode the speaker, sample 63
               tokens with the KV cache (temperature 1, top-k 10 %), VQ-decode (the peer's
-              `gen` case times the same path, including its tokenisation). Each measurement runs in its own child process
+              `gen` case times the same path, including its tokenisation).
+  `metrics`   seconds to evaluate 1,000 clips x 300 frames (lengths 150..300) with
+              dim_jax.evaluation.metrics: k-means fit, dim_compat and per_sequence metrics.
+Each measurement runs in its own child process
 (warm-up, then timed steps; median/min/max). With `--peer_python` (a venv holding torch and
 the packages of ../shared/peer/README.md) the PyTorch peer of the official architecture is
 measured in the same run, interleaved, and the ratio is reported: compare ratios, not
@@ -55,7 +58,36 @@ def train_step_calls(step_fn, state, batch):
   return call
 
 
+def metrics_child() -> dict:
+  """Seconds of the listener metrics on 1,000 random clips (fixed seed), both protocols."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from dim_jax.evaluation import metrics
+
+  clips, frames = 1000, 300
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(150, frames + 1, size=clips)
+
+  def motion():  # Smooth random walks, float32 like decoded motion.
+    return (np.cumsum(rng.normal(size=(clips, frames, 56)), axis=1) * 0.05).astype(np.float32)
+
+  truth, prediction, speaker = motion(), motion(), motion()
+  t0 = time.perf_counter()
+  clusters = metrics.fit_clusters(truth, lengths)
+  t1 = time.perf_counter()
+  metrics.listener_metrics(truth, prediction, speaker, lengths, protocol="dim_compat",
+                           clusters=clusters)
+  t2 = time.perf_counter()
+  metrics.listener_metrics(truth, prediction, speaker, lengths, protocol="per_sequence",
+                           clusters=clusters)
+  t3 = time.perf_counter()
+  return dict(clips=clips, frames=frames, valid_frames=int(lengths.sum()), kmeans_fit_s=t1 - t0,
+              kmeans_iterations={k: int(c.kmeans.n_iter_) for k, c in clusters.items()},
+              dim_compat_s=t2 - t1, per_sequence_s=t3 - t2, total_s=t3 - t0)
+
+
 def child(case: str, batch: int, frames: int, dtype: str, warmup: int, steps: int) -> dict:
+  if case == "metrics":
+    return metrics_child()
   import functools  # pylint: disable=g-import-not-at-top
   import jax
   import numpy as np
@@ -165,6 +197,14 @@ def main():
   if args.child:
     print(json.dumps(child(args.case, args.batch, args.frames, args.dtype, args.warmup,
                            args.steps)))
+    return
+  if args.case == "metrics":  # One run, no dtypes or peer.
+    text = json.dumps(dict(case="metrics", machine=dict(cpus=os.cpu_count()), results=run_child(
+        ["--child", "--case", "metrics"], sys.executable, os.path.abspath(__file__))), indent=2)
+    print(text)
+    if args.out:
+      with open(args.out, "w", encoding="utf-8") as f:
+        f.write(text + "\n")
     return
   if args.batch is None:
     args.batch = {"vq": 32, "generate": 1}.get(args.case, 8)

@@ -42,6 +42,18 @@ class VQConfig:
   codebook_size: int = 512
   code_dim: int = 128
   beta: float = 0.25
+  # Ours (off = official): l2-normalise latents and codes before the nearest-code search, as
+  # ViT-VQGAN does; every code starts on the latents' scale, so small data cannot collapse
+  # the codebook onto a few codes while Adam slowly moves codes initialised near zero.
+  codebook_normalize: bool = False
+  # Official True: InstanceNorm over time after each conv. It removes every channel's
+  # per-window mean and scale, so a window's slow offsets (head drift, low-frequency
+  # expression) cannot be reconstructed from its tokens; ours can turn it off.
+  instance_norm: bool = True
+  # Ours (off = official init): the decoder's output layer starts at zero, so training starts
+  # from the mean pose instead of spending its first steps shrinking O(1) outputs onto motion
+  # whose pose dims move by ~0.01 rad.
+  zero_init_output: bool = False
   leaky_slope: float = 0.2
   dropout_rate: float = 0.1
   positional_encoding: str = "time"
@@ -124,6 +136,7 @@ class ConvBlock(nn.Module):
   features: int
   leaky_slope: float
   dtype: Any = jnp.float32
+  instance_norm: bool = True
 
   @nn.compact
   def __call__(self, x: Array, mask: Array) -> Array:
@@ -132,7 +145,7 @@ class ConvBlock(nn.Module):
     x = nn.Conv(self.features, kernel_size=(5,), padding="VALID", dtype=self.dtype,
                 name="conv")(x)
     x = nn.leaky_relu(x, self.leaky_slope)
-    return masked_instance_norm(x, mask)
+    return masked_instance_norm(x, mask) if self.instance_norm else x
 
 
 class SelfAttention(nn.Module):
@@ -218,7 +231,8 @@ class MotionEncoder(nn.Module):
     cfg = self.config
     x = dense(cfg.hidden_size, cfg.dtype, "vertice_mapping")(motion)
     x = nn.leaky_relu(x, cfg.leaky_slope)
-    x = ConvBlock(cfg.hidden_size, cfg.leaky_slope, cfg.dtype, name="squasher")(x, mask)
+    x = ConvBlock(cfg.hidden_size, cfg.leaky_slope, cfg.dtype, cfg.instance_norm,
+                  name="squasher")(x, mask)
     x = dense(cfg.hidden_size, cfg.dtype, "linear_embedding")(x)
     x = PositionalEncoding(cfg, name="pos")(x, train=train)
     x = Transformer(cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.mlp_dim, cfg.dtype,
@@ -235,11 +249,16 @@ class MotionDecoder(nn.Module):
   def __call__(self, latents: Array, mask: Array, *, train: bool) -> Array:
     cfg = self.config
     x = dense(cfg.hidden_size, cfg.dtype, "linear_embedding_pre")(latents)
-    x = ConvBlock(cfg.hidden_size, cfg.leaky_slope, cfg.dtype, name="expander")(x, mask)
+    x = ConvBlock(cfg.hidden_size, cfg.leaky_slope, cfg.dtype, cfg.instance_norm,
+                  name="expander")(x, mask)
     x = dense(cfg.hidden_size, cfg.dtype, "linear_embedding")(x)
     x = PositionalEncoding(cfg, name="pos")(x, train=train)
     x = Transformer(cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.mlp_dim, cfg.dtype,
                     name="transformer")(x, mask)
+    if cfg.zero_init_output:
+      return nn.Dense(self.out_dim, use_bias=False, dtype=cfg.dtype,
+                      dot_general=_matmul_precision(cfg.dtype), kernel_init=nn.initializers.zeros,
+                      name="vertice_map_reverse")(x)
     return dense(self.out_dim, cfg.dtype, "vertice_map_reverse", use_bias=False)(x)
 
 
@@ -251,6 +270,10 @@ class VectorQuantizer(nn.Module):
   codebook_size: int
   code_dim: int
   beta: float
+  normalize: bool = False
+
+  def _codes(self, codebook: Array) -> Array:
+    return _l2_normalize(codebook) if self.normalize else codebook
 
   @nn.compact
   def __call__(self, latents: Array, mask: Array) -> dict[str, Array]:
@@ -258,6 +281,9 @@ class VectorQuantizer(nn.Module):
     codebook = self.param("codebook", _uniform_init(self.codebook_size),
                           (self.codebook_size, self.code_dim))
     latents = latents.astype(jnp.float32)
+    if self.normalize:
+      latents = _l2_normalize(latents)
+    codebook = self._codes(codebook)
     distances = (jnp.sum(latents**2, axis=-1, keepdims=True) + jnp.sum(codebook**2, axis=-1)
                  - 2.0 * jnp.einsum("btd,kd->btk", latents, codebook))
     tokens = jnp.argmin(distances, axis=-1).astype(jnp.int32)
@@ -271,12 +297,16 @@ class VectorQuantizer(nn.Module):
     usage = one_hot.sum(axis=(0, 1))
     probs = usage / jnp.maximum(usage.sum(), 1.0)
     perplexity = jnp.exp(-jnp.sum(probs * jnp.log(probs + 1e-10)))
-    return dict(quantized=straight_through, tokens=tokens,
+    return dict(quantized=straight_through, tokens=tokens, latents=latents,
                 quant_loss=self.beta * commit + codebook_loss,
                 perplexity=perplexity, code_counts=usage)
 
   def lookup(self, tokens: Array) -> Array:
-    return self.get_variable("params", "codebook")[tokens]
+    return self._codes(self.get_variable("params", "codebook"))[tokens]
+
+
+def _l2_normalize(x: Array) -> Array:
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), 1e-12))
 
 
 def _uniform_init(codebook_size: int):
@@ -298,7 +328,8 @@ class VQVAE(nn.Module):
   def setup(self):
     cfg = self.config
     self.encoder = MotionEncoder(cfg)
-    self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.code_dim, cfg.beta)
+    self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.code_dim, cfg.beta,
+                                     cfg.codebook_normalize)
     self.decoder = MotionDecoder(cfg, cfg.in_dim)
 
   def encode(self, motion: Array, mask: Array, train: bool = False) -> dict[str, Array]:

@@ -82,6 +82,12 @@ def train_step(state: dict, batch: dict, *, task, optimizer,
   if trainable is not None:
     params = jax.tree.map(lambda new, old, t: new if t else old, params, state["params"],
                           trainable)
+  # Keys starting with '_' are loss outputs for the task's post-update hook, not metrics.
+  hook_inputs = {k: v for k, v in metrics.items() if k.startswith("_")}
+  metrics = {k: v for k, v in metrics.items() if not k.startswith("_")}
+  if hasattr(task, "after_update"):
+    # E.g. the VQ phase re-seeds dead codebook entries from this batch's latents.
+    params = task.after_update(params, hook_inputs, jax.random.fold_in(rng, 1))
   metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
                  param_norm=optax.tree.norm(params))
   new_state = dict(step=state["step"] + 1, params=params, opt_state=opt_state, rng=state["rng"])

@@ -27,6 +27,10 @@ class VQTask:
   model: vqvae.VQVAE
   role: str
   quant_loss_weight: float = 1.0
+  # Ours (off = official): codes unused in a training batch are re-seeded from that batch's
+  # encoder outputs after the step (Jukebox / SoundStream "codebook expiry"); with few steps
+  # on small data the official quantizer otherwise uses a handful of its codes.
+  restart_dead_codes: bool = False
 
   name = "vq"
 
@@ -36,7 +40,8 @@ class VQTask:
       raise ValueError(f"config.role={config.role!r}; expected one of {ROLES}")
     model = vqvae.VQVAE(vqvae.vq_config_from(config.model))
     return cls(model=model, role=config.role,
-               quant_loss_weight=float(config.train.quant_loss_weight))
+               quant_loss_weight=float(config.train.quant_loss_weight),
+               restart_dead_codes=bool(config.train.get("restart_dead_codes", False)))
 
   @property
   def motion_key(self) -> str:
@@ -70,7 +75,24 @@ class VQTask:
     metrics = dict(rec_l1=rec_l1, quant_loss=out["quant_loss"], perplexity=out["perplexity"],
                    pose_l1=abs_err[..., POSE].sum() / (frames * 6),
                    expression_l1=abs_err[..., EXPRESSION].sum() / (frames * 50))
+    if self.restart_dead_codes:
+      metrics.update(_code_counts=out["code_counts"], _latents=out["latents"],
+                     _valid=batch["mask"])
     return loss, metrics
+
+  def after_update(self, params, hook_inputs: dict, rng: jax.Array):
+    """Re-seeds codes unused in this batch with random valid latents of the batch."""
+    if not self.restart_dead_codes:
+      return params
+    codebook = params["quantizer"]["codebook"]
+    latents = hook_inputs["_latents"].reshape(-1, codebook.shape[-1])
+    valid = hook_inputs["_valid"].reshape(-1).astype(jnp.float32)
+    picks = jax.random.choice(rng, latents.shape[0], (codebook.shape[0],),
+                              p=valid / jnp.maximum(valid.sum(), 1.0))
+    dead = (hook_inputs["_code_counts"] == 0)[:, None]
+    fresh = jax.lax.stop_gradient(latents[picks]).astype(codebook.dtype)
+    quantizer = dict(params["quantizer"], codebook=jnp.where(dead, fresh, codebook))
+    return dict(params, quantizer=quantizer)
 
   def eval_sums(self, params, batch) -> dict[str, jax.Array]:
     """Sums over a batch (deterministic model); combined exactly by `finalize_eval`."""

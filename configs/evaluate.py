@@ -1,0 +1,21 @@
+r"""Phase `evaluate`: DIM-Listener (or DIM-Speaker) and the baselines on the test split.
+
+  python -m dim_jax.main --config configs/evaluate.py --workdir runs/evaluate \
+      --config.init.model=runs/finetune_listener --config.data.dir=/path/to/records
+Writes runs/evaluate/report.md (Table-1 layout, both protocols), report.json and plots/*.png.
+Score files made elsewhere instead of a checkpoint:
+      --config.evaluate.predictions=runs/generate/generated --config.evaluate.method_name=Mine
+Argument `size=tiny` uses the demo's data settings (synthetic data, 128-frame windows).
+"""
+
+from dim_jax import config_lib
+
+
+def get_config(arg=None):
+  args = config_lib.parse_arg(arg, size="official")
+  config = config_lib.evaluate_config()
+  if args.size == "tiny":
+    config_lib.tiny_data(config.data)
+  elif args.size != "official":
+    raise ValueError(f"size={args.size!r}; expected 'official' or 'tiny'")
+  return config

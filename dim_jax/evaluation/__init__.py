@@ -1,0 +1,1 @@
+"""Evaluation of listener generation: metrics and non-learned baselines."""

@@ -1,0 +1,267 @@
+"""Phase `evaluate`: DIM-Listener (or DIM-Speaker) against baselines, with an honest protocol.
+
+    python -m dim_jax.main --config configs/evaluate.py --workdir runs/eval \
+        --config.init.model=runs/finetune_listener --config.data.dir=DATA
+
+Protocol (where we deliberately differ from the official evaluation, README "Differences"):
+  * The model's checkpoint is the best by *validation* loss (phase-chained `best` step); this
+    phase is the only one that reads the test split.
+  * Headline: one sample per clip, reported as mean ± std (ddof 1) over `evaluate.num_seeds`
+    sampling seeds.  The official code keeps the best of 10 samples by distance to the ground
+    truth; that oracle is reported only as a labelled diagnostic row (`evaluate.best_of`).
+  * Baselines (dim_jax/evaluation/baselines.py) are methods of the same evaluation, fitted on
+    `evaluate.train_split` only.  Random runs over the same seeds as the model.
+  * Metrics (dim_jax/evaluation/metrics.py) under both protocols: `dim_compat` (official
+    pooling) and `per_sequence`; k-means for SID is fitted once on the test ground truth.
+
+Instead of a checkpoint, `evaluate.predictions` may name a directory in the layout the
+`generate` phase writes (`sample_<k>/<clip>.npy`, (T, 56) float) to score outputs made
+elsewhere; every file is checked against its clip (length, width, finite values).
+
+Writes <workdir>/report.md, report.json and plots/*.png (trajectories of a few test clips and
+per-method metric bars).  Runs on every process (all clips each, same seeds); process 0 writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from dim_jax import generation
+from dim_jax.data import pipeline, records
+from dim_jax.evaluation import baselines as baselines_lib
+from dim_jax.evaluation import metrics as metrics_lib
+from dim_jax.evaluation import report as report_lib
+
+BASELINE_NAMES = {"random": "Random", "mirror": "Mirror", "nn_motion": "NN-motion",
+                  "nn_audio": "NN-audio"}
+# Baselines that read the partner's motion: DIM-Speaker is conditioned on audio only.
+PARTNER_MOTION_BASELINES = ("mirror", "nn_motion")
+MODEL_NAMES = {"listener": "DIM-Listener", "speaker": "DIM-Speaker"}
+OTHER_ROLE = {"listener": "speaker", "speaker": "listener"}
+
+
+def pad_clips(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+  """[T_i, D] arrays -> (zero-padded [N, T_max, D] float32, lengths [N])."""
+  lengths = np.array([a.shape[0] for a in arrays], np.int64)
+  out = np.zeros((len(arrays), int(lengths.max()), arrays[0].shape[1]), np.float32)
+  for i, a in enumerate(arrays):  # One copy per clip (not per frame).
+    out[i, : a.shape[0]] = a
+  return out, lengths
+
+
+def _model_samples(config, data_dir: str, role: str, clips: list[dict], num_samples: int):
+  """Samples of the fine-tuned model for every clip: [S, N, T_max, 56] plus its source."""
+  from dim_jax import generate  # pylint: disable=g-import-not-at-top
+  ec = config.evaluate
+  generator = generate.Generator.from_workdir(
+      config.init.model, generation.SamplingConfig.from_config(ec.sampling))
+  if generator.role != role:
+    raise ValueError(f"{config.init.model} generates {generator.role} motion; "
+                     f"evaluate.role={role!r}")
+  # Every process generates every clip (same seeds), so the metrics see the whole split.
+  dataset = pipeline.make_dataset(
+      data_dir, ec.split, batch_size=int(ec.batch_size), train=False, seed=int(config.seed),
+      bucket_boundaries=list(config.data.bucket_boundaries), max_len=int(config.data.max_len),
+      process_index=0, process_count=1, shuffle_buffer=1)
+  generated = generate.generate_clips(generator, dataset, num_samples,
+                                      jax.random.PRNGKey(int(ec.seed)))
+  per_clip = []
+  for clip in clips:
+    if clip["clip_id"] not in generated:
+      raise RuntimeError(f"clip {clip['clip_id']!r} of split {ec.split!r} was not generated")
+    per_clip.append(generated[clip["clip_id"]][0])  # [S, T, 56]
+  samples = np.stack([pad_clips([c[k] for c in per_clip])[0] for k in range(num_samples)])
+  settings = dict(source=generator.source, sampling=generator.sampling.to_dict(),
+                  start=generator.task.model.config.start,
+                  decoding=generator.task.model.config.decoding)
+  return samples, settings
+
+
+def load_predictions(directory: str, clips: list[dict], num_frames: int) -> np.ndarray:
+  """Reads `sample_<k>/<clip>.npy` files (generate-phase layout): [S, N, T_max, 56]."""
+  from dim_jax import generate  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"evaluate.predictions={directory!r} is not a directory")
+  sample_dirs = sorted((d for d in os.listdir(directory) if d.startswith("sample_")),
+                       key=lambda d: int(d.split("_", 1)[1]) if d[7:].isdigit() else -1)
+  sample_dirs = [d for d in sample_dirs if d[7:].isdigit()]
+  if not sample_dirs:
+    raise FileNotFoundError(f"{directory}: no sample_<k>/ subdirectories of predictions")
+  out = np.zeros((len(sample_dirs), len(clips), num_frames, records.MOTION_DIM), np.float32)
+  for k, sample_dir in enumerate(sample_dirs):
+    for i, clip in enumerate(clips):
+      path = os.path.join(directory, sample_dir, generate.clip_filename(clip["clip_id"]))
+      if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no prediction for clip {clip['clip_id']!r}")
+      try:
+        array = np.load(path, allow_pickle=False)  # Untrusted files: no pickles.
+      except ValueError as error:
+        raise metrics_lib.MetricInputError(f"{path}: not a plain .npy array ({error})") from None
+      expected = (clip["length"], records.MOTION_DIM)
+      if array.shape != expected:
+        raise metrics_lib.MetricInputError(
+            f"{path}: prediction for clip {clip['clip_id']!r} has shape {array.shape}; the "
+            f"ground truth needs {expected} (frames, 56 motion values)")
+      if not np.issubdtype(array.dtype, np.number):
+        raise metrics_lib.MetricInputError(f"{path}: dtype {array.dtype} is not numeric")
+      out[k, i, : clip["length"]] = array
+  return out
+
+
+def _summarise(runs: list[dict[str, float]]) -> dict[str, dict[str, Any]]:
+  """Per metric: mean, std over runs (ddof 1; None for a single run) and the run values."""
+  summary = {}
+  for key in runs[0]:
+    values = [float(run[key]) for run in runs]
+    summary[key] = dict(mean=float(np.mean(values)),
+                        std=float(np.std(values, ddof=1)) if len(values) > 1 else None,
+                        values=values)
+  return summary
+
+
+def _method(name: str, kind: str, note: str, runs: list[np.ndarray], score) -> dict:
+  per_protocol = [score(prediction) for prediction in runs]
+  return dict(name=name, kind=kind, runs=len(runs), note=note,
+              metrics={protocol: _summarise([r[protocol] for r in per_protocol])
+                       for protocol in per_protocol[0]})
+
+
+def best_of_samples(samples: np.ndarray, truth: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+  """Per clip, the sample with the lowest MSE to the ground truth (the official oracle)."""
+  mask = (np.arange(truth.shape[1])[None, :] < lengths[:, None])[None, ..., None]
+  errors = (np.square(samples - truth[None]) * mask).sum(axis=(2, 3))  # [S, N]
+  best = np.argmin(errors, axis=0)
+  return samples[best, np.arange(truth.shape[0])]
+
+
+def run_evaluate(config, workdir: str) -> dict:
+  """Scores the model and the baselines on `evaluate.split`; writes the report."""
+  from dim_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  ec = config.evaluate
+  role = ec.role
+  if role not in MODEL_NAMES:
+    raise ValueError(f"evaluate.role={role!r}; expected one of {sorted(MODEL_NAMES)}")
+  num_seeds, best_of = int(ec.num_seeds), int(ec.best_of)
+  if num_seeds < 1:
+    raise ValueError(f"evaluate.num_seeds={num_seeds}; expected >= 1")
+  if best_of == 1 or best_of < 0:
+    raise ValueError(f"evaluate.best_of={best_of}; expected 0 (off) or >= 2")
+  unknown = set(ec.baselines) - set(BASELINE_NAMES)
+  if unknown:
+    raise ValueError(f"evaluate.baselines: unknown {sorted(unknown)}; "
+                     f"available {sorted(BASELINE_NAMES)}")
+  protocols = tuple(ec.protocols)
+  for protocol in protocols:
+    if protocol not in metrics_lib.PROTOCOLS:
+      raise ValueError(f"evaluate.protocols: {protocol!r} is not one of {metrics_lib.PROTOCOLS}")
+  if not ec.predictions and not config.init.model:
+    raise ValueError("set init.model to a finetune_listener / finetune_speaker workdir, or "
+                     "evaluate.predictions to a directory of sample_<k>/<clip>.npy files")
+  data_dir = trainer.ensure_data(config)
+  clips = records.read_clips(data_dir, ec.split)
+  if not clips:
+    raise records.RecordError(f"{data_dir}: split {ec.split!r} has no clips")
+  clip_ids = [c["clip_id"] for c in clips]
+  truth, lengths = pad_clips([c[f"{role}_motion"] for c in clips])
+  partner, _ = pad_clips([c[f"{OTHER_ROLE[role]}_motion"] for c in clips])
+  audio, _ = pad_clips([c["speaker_audio"] for c in clips])
+  short = [cid for cid, n in zip(clip_ids, lengths) if n < 2]
+  if short:
+    # FD needs a covariance; refuse rather than averaging NaN or silently dropping clips.
+    raise metrics_lib.MetricInputError(
+        f"{data_dir} split {ec.split!r}: clips {short[:8]} have fewer than 2 frames; FD needs "
+        "a covariance (2+ frames). Remove them from the split.")
+
+  settings: dict[str, Any] = dict(split=ec.split, role=role, num_seeds=num_seeds,
+                                  best_of=best_of, seed=int(ec.seed), data_dir=data_dir)
+  num_samples = max(num_seeds, best_of)
+  if ec.predictions:
+    samples = load_predictions(ec.predictions, clips, truth.shape[1])
+    num_seeds = min(num_seeds, samples.shape[0])
+    settings.update(predictions=os.path.abspath(ec.predictions), num_seeds=num_seeds)
+    model_name = ec.method_name or "predictions"
+  else:
+    samples, model_settings = _model_samples(config, data_dir, role, clips, num_samples)
+    settings.update(model_settings)
+    model_name = ec.method_name or MODEL_NAMES[role]
+
+  clusters = metrics_lib.fit_clusters(truth, lengths, seed=int(ec.kmeans_seed),
+                                      clip_ids=clip_ids)
+
+  def score(prediction):
+    return {protocol: metrics_lib.listener_metrics(
+        truth, prediction, partner, lengths, protocol=protocol, clusters=clusters,
+        clip_ids=clip_ids) for protocol in protocols}
+
+  methods = [dict(name="Ground truth", kind="reference", runs=1,
+                  note="SID and Var of the ground truth itself (the paper's GT row)",
+                  metrics={p: _summarise([metrics_lib.reference_metrics(
+                      truth, lengths, protocol=p, clusters=clusters)]) for p in protocols})]
+  methods.append(_method(
+      model_name, "model",
+      f"one sample per clip; mean ± std over {num_seeds} sampling seed(s)",
+      [samples[k] for k in range(num_seeds)], score))
+  if best_of and samples.shape[0] >= 2:
+    n = min(best_of, samples.shape[0])
+    methods.append(_method(
+        f"{model_name} best-of-{n} (oracle, diagnostic)", "diagnostic",
+        f"per clip the sample closest to the ground truth (MSE) among {n}: uses the test "
+        "answer, as the official evaluation does; not comparable with the other rows",
+        [best_of_samples(samples[:n], truth, lengths)], score))
+
+  train_clips = records.read_clips(data_dir, ec.train_split)
+  if role == "speaker":  # Baselines predict the target role: swap the roles' motion.
+    train_clips = [dict(c, speaker_motion=c["listener_motion"], listener_motion=c["speaker_motion"])
+                   for c in train_clips]
+  train = baselines_lib.TrainingClips.from_clips(train_clips)
+  for name in ec.baselines:
+    if role == "speaker" and name in PARTNER_MOTION_BASELINES:
+      continue
+    seeds = range(num_seeds) if name == "random" else range(1)
+    runs = [baselines_lib.run_baselines(train, partner, audio, lengths, seed=int(ec.seed) + s,
+                                        names=(name,))[name] for s in seeds]
+    note = {"random": "training frames drawn at random plus small noise",
+            "mirror": f"the {OTHER_ROLE[role]}'s motion, smoothed",
+            "nn_motion": f"listener motion of the nearest training window by {OTHER_ROLE[role]} "
+                         "motion",
+            "nn_audio": "motion of the nearest training window by speaker audio"}[name]
+    if len(runs) > 1:
+      note += f"; mean ± std over {len(runs)} seeds"
+    methods.append(_method(BASELINE_NAMES[name], "baseline", note, runs, score))
+
+  results = dict(protocols=list(protocols), headline_protocol=protocols[0], split=ec.split,
+                 clips=len(clips), frames=int(lengths.sum()), settings=settings,
+                 methods=methods)
+  if jax.process_index() == 0:
+    results["plots"] = _plots(workdir, results, clips, truth, samples[:num_seeds], partner,
+                              lengths, int(ec.plot_clips), model_name)
+    report_lib.write_report(workdir, results)
+  logging.info("evaluated %d clips: %s", len(clips), os.path.join(workdir, "report.md"))
+  return results
+
+
+def _plots(workdir: str, results: dict, clips: list[dict], truth: np.ndarray,
+           samples: np.ndarray, partner: np.ndarray, lengths: np.ndarray, num_clips: int,
+           model_name: str) -> list[str]:
+  plot_dir = os.path.join(workdir, "plots")
+  os.makedirs(plot_dir, exist_ok=True)
+  paths = []
+  from dim_jax import generate  # pylint: disable=g-import-not-at-top
+  for i in range(min(num_clips, len(clips))):
+    n = int(lengths[i])
+    name = "trajectories_" + generate.clip_filename(clips[i]["clip_id"])[:-4] + ".png"
+    report_lib.plot_trajectories(
+        os.path.join(plot_dir, name), clip_id=clips[i]["clip_id"], truth=truth[i, :n],
+        samples=samples[:, i, :n], speaker=partner[i, :n], fps=clips[i]["fps"],
+        method_name=model_name)
+    paths.append(os.path.join("plots", name))
+  for protocol in results["protocols"]:
+    name = f"metrics_{protocol}.png"
+    report_lib.plot_metric_bars(os.path.join(plot_dir, name), results, protocol)
+    paths.append(os.path.join("plots", name))
+  return paths
