@@ -16,10 +16,15 @@ Two protocols:
 * ``"per_sequence"``: every metric per clip, then averaged over clips. SID uses the clusters of
   the pooled ground truth (shared by all clips) and a histogram per clip.
 
-Everything is computed in float64 (the official code keeps float32 for some reductions when
-fed float32 arrays, so on float32 inputs the two agree only up to float32 rounding). Every
-returned value is finite: invalid inputs raise `MetricInputError` and undefined quantities have
-documented values (a correlation with a constant series is 0).
+SID needs k-means clusters of the ground truth (`fit_clusters`): fit them once per test set and
+reuse them for every method and seed; they are checked to belong to the evaluated truth.
+
+Everything is computed in float64 except k-means, which clusters in the input's float dtype as
+the official code does (the official code also keeps float32 for some reductions when fed float32
+arrays, so on float32 inputs the two agree only up to float32 rounding). Every returned value is
+finite: invalid inputs raise `MetricInputError` (listener metrics refuse clips shorter than 2
+frames: one frame has no covariance, np.cov gives NaN) and undefined quantities have documented
+values (a correlation with a constant series is 0).
 """
 
 from __future__ import annotations
@@ -232,10 +237,14 @@ def _pearson_per_clip(x: np.ndarray, y: np.ndarray, mask: np.ndarray) -> np.ndar
 
 
 def _pearson(x: np.ndarray, y: np.ndarray) -> float:
-  """np.corrcoef of two flattened arrays, except 0 when either is constant (official: NaN)."""
+  """np.corrcoef of two flattened arrays, except 0 when either is constant.
+
+  For a constant series np.corrcoef gives NaN, or, when the float mean is not exactly the
+  constant, an arbitrary value from rounding noise; "constant" here is exact (min == max).
+  """
   x = x.reshape(-1)
   y = y.reshape(-1)
-  if np.isnan(np.corrcoef(x, y)[0, 1]):
+  if x.min() == x.max() or y.min() == y.max():
     return 0.0
   return float(np.corrcoef(x, y)[0, 1])
 
@@ -527,6 +536,8 @@ def _part_statistics(truth: np.ndarray, prediction: np.ndarray, speaker: np.ndar
   if protocol == "dim_compat":
     mask = _valid_mask(lengths, truth.shape[1])
     gt, pred, sp = (_pooled(a, mask, part) for a in (truth, prediction, speaker))
+    # STS on the pooled frames, as the official code: the last frame of clip i and the first
+    # of clip i + 1 count as consecutive (per_sequence drops these cross-clip differences).
     return dict(var=float(np.var(pred.reshape(-1))),
                 rpcc=abs(_pearson(gt, sp) - _pearson(pred, sp)),
                 sts=_sts_pooled(gt, pred, sts_timestep))
