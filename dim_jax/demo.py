@@ -6,9 +6,11 @@ Steps (each a phase of `python -m dim_jax.main`, chained through Orbax checkpoin
   1. tokenizers: `vq` for the listener and the speaker          -> <workdir>/vq_<role>
   2. DIM pretraining (restores both tokenizers)                  -> <workdir>/pretrain
   3. DIM-Listener fine-tuning (restores the pretraining run)     -> <workdir>/finetune_listener
-  4. generation on the test split (one sample per clip)          -> <workdir>/generate
-Then writes <workdir>/report.md and report.json: each phase's final validation losses and the
-generated-vs-ground-truth listener error on the test split.  Rerunning resumes or reuses.
+  4. evaluation on the test split: DIM-Listener (one sample per clip, several sampling seeds)
+     against the Random, Mirror, NN-motion and NN-audio baselines    -> <workdir>/evaluate
+Then writes <workdir>/report.md and report.json: tokenizer reconstruction, each phase's
+validation losses, the evaluation tables and whether DIM-Listener beats every baseline on
+expression FD and MSE. Rerunning resumes or reuses.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 
 from dim_jax import config_lib, phases
+from dim_jax.evaluation import report as report_lib
 from dim_jax.training import metric_writer
 
 flags.DEFINE_string("workdir", "runs/demo", "Where the demo writes everything.")
 flags.DEFINE_integer("vq_steps", 400, "Training steps per tokenizer.")
 flags.DEFINE_integer("pretrain_steps", 150, "DIM pretraining steps.")
 flags.DEFINE_integer("finetune_steps", 300, "DIM-Listener fine-tuning steps.")
+flags.DEFINE_integer("num_seeds", 3, "Sampling seeds of the evaluation's headline row.")
 FLAGS = flags.FLAGS
 
 # One 64-frame bucket: a single compiled shape per step function keeps the demo short.
@@ -49,14 +53,14 @@ def format_report(reports: dict) -> str:
   lines = ["# dim_jax demo report", "",
            "Synthetic dyadic data (dim_jax/data/synthetic.py), tiny configs "
            "(configs/vq_tiny.py, configs/dim.py:size=tiny), 64-frame windows.", "",
-           "## 1. VQ-VAE tokenizers (test split, best checkpoint by validation)", "",
+           "## 1. VQ-VAE tokenizers (validation split, best checkpoint)", "",
            "Unexplained = squared error / data variance (1 - R^2).", "",
            "| role | steps | pose L1 | expression L1 | pose unexplained "
            "| expression unexplained | codes used | perplexity |",
            "|---|---|---|---|---|---|---|---|"]
   for role in ("listener", "speaker"):
     rep = reports[f"vq_{role}"]
-    t = rep["test"]
+    t = rep["best_val"]
     lines.append(f"| {role} | {rep['step']} | {t['pose_l1']:.4f} | {t['expression_l1']:.4f} | "
                  f"{t['pose_unexplained']:.3f} | {t['expression_unexplained']:.3f} | "
                  f"{t['codes_used']} / {rep['codebook_size']} | {t['perplexity']:.1f} |")
@@ -66,19 +70,38 @@ def format_report(reports: dict) -> str:
     lines += ["", f"## {title} (validation split, teacher forced, step {rep['step']}, "
               f"best {rep['best_step']})", "", "| term | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(rep["val"].items())]
-  gen = reports["generate"]
-  lines += ["", "## 4. Generated listener motion vs ground truth (test split)", "",
-            f"{gen['clips']} clips, {gen['num_samples']} sample each, sampling "
-            f"{gen['sampling']}, first token: {gen['start']}.", "",
-            "| pose L1 | expression L1 | pose MSE | expression MSE |", "|---|---|---|---|",
-            f"| {gen['pose_l1']:.4f} | {gen['expression_l1']:.4f} | {gen['pose_mse']:.5f} | "
-            f"{gen['expression_mse']:.4f} |", "",
-            "Files: generate/generated/sample_0/<clip>.npy ((T, 56) each) and sampling.json."]
+  evaluation = reports["evaluate"]
+  lines += ["", "## 4. Evaluation on the test split", ""]
+  lines += [f"- {line}" for line in verdict(evaluation)]
+  # The evaluation report, one heading level down, with plot links relative to this file.
+  body = report_lib.format_report(evaluation).replace("](plots/", "](evaluate/plots/")
+  lines += [""] + [("#" + l if l.startswith("#") else l) for l in body.splitlines()[1:]]
   return "\n".join(lines) + "\n"
 
 
+HEADLINE_KEYS = ("fd_expression", "mse_expression")
+
+
+def verdict(evaluation: dict) -> list[str]:
+  """One line per headline key: does the model's mean beat every baseline's (lower is better)?"""
+  protocol = evaluation["headline_protocol"]
+  methods = evaluation["methods"]
+  model = next(m for m in methods if m["kind"] == "model")
+  baselines = [m for m in methods if m["kind"] == "baseline"]
+  lines = []
+  for key in HEADLINE_KEYS:
+    ours = model["metrics"][protocol][key]["mean"]
+    others = {m["name"]: m["metrics"][protocol][key]["mean"] for m in baselines}
+    best_name = min(others, key=others.get)
+    wins = all(ours < v for v in others.values())
+    lines.append(f"{model['name']} {'beats' if wins else 'does NOT beat'} every baseline on "
+                 f"{key} ({protocol}): {ours:.4g} vs best baseline {best_name} "
+                 f"{others[best_name]:.4g}.")
+  return lines
+
+
 def run_demo(workdir: str, vq_steps: int = 400, pretrain_steps: int = 150,
-             finetune_steps: int = 300) -> dict:
+             finetune_steps: int = 300, num_seeds: int = 3) -> dict:
   data_dir = os.path.join(workdir, "data")
   path = lambda name: os.path.join(workdir, name)
   reports = {}
@@ -95,9 +118,10 @@ def run_demo(workdir: str, vq_steps: int = 400, pretrain_steps: int = 150,
     if phase != "pretrain":
       config.init.pretrain = path("pretrain")
     reports[phase] = phases.run(config, path(phase))
-  config = _demo_data(config_lib.generate_config(), data_dir)
+  config = _demo_data(config_lib.evaluate_config(), data_dir)
   config.init.model = path("finetune_listener")
-  reports["generate"] = phases.run(config, path("generate"))
+  config.evaluate.num_seeds = num_seeds
+  reports["evaluate"] = phases.run(config, path("evaluate"))
   text = format_report(reports)
   phases.write_json_atomic(path("report.json"), reports)
   tmp = path("report.md.tmp")
@@ -112,7 +136,8 @@ def run_demo(workdir: str, vq_steps: int = 400, pretrain_steps: int = 150,
 def main(argv):
   del argv
   metric_writer.quiet_library_logs()
-  run_demo(FLAGS.workdir, FLAGS.vq_steps, FLAGS.pretrain_steps, FLAGS.finetune_steps)
+  run_demo(FLAGS.workdir, FLAGS.vq_steps, FLAGS.pretrain_steps, FLAGS.finetune_steps,
+           FLAGS.num_seeds)
 
 
 if __name__ == "__main__":

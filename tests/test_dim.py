@@ -21,6 +21,8 @@ import pytest
 
 from dim_jax import config_lib, phases
 from dim_jax.data import records, synthetic
+from dim_jax.evaluation import evaluate as evaluate_lib
+from dim_jax.evaluation import metrics as metrics_lib
 from dim_jax.models import dim as dim_lib
 from dim_jax.models import vqvae
 from dim_jax.training import checkpointing, dim_tasks, metric_writer, trainer, vq
@@ -759,6 +761,29 @@ def test_ablation_vq_decoder_switches(base_params):
                    if "_vq/" in p and not p.split("/")[1] == "decoder")
 
 
+@pytest.mark.parametrize("decode", ["argmax", "soft"])
+def test_continuous_loss_decodes_tokens_as_generation_does(base_params, decode):
+  """With cosine codes (`codebook_normalize`) the raw codebook parameter is not what the VQ
+  decoder was trained on: the DIM loss must decode with the same code vectors as
+  `decode_tokens` (generation), or pretraining fits the VQ decoder to the wrong inputs."""
+  vq_config = dataclasses.replace(TINY_VQ, codebook_normalize=True)
+  config = config_lib.dim_config("pretrain")
+  config.loss.decode = decode
+  task = task_from_config(config, vq_config)
+  params = base_params
+  tokens = np.array([[3, 3, 7, 0, 15, 9], [1, 2, 3, 4, 5, 6]])
+  mask = np.array([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]], bool)
+  # Confident logits: soft decoding then equals the one-hot code too.
+  logits = jnp.asarray(np.eye(16)[tokens] * 200.0)
+  ours = task._decode_motion(params, "listener", logits, jnp.asarray(mask),
+                             jax.random.PRNGKey(0), train=False)
+  want = task.listener_vq.apply({"params": params["listener_vq"]}, jnp.asarray(tokens),
+                                jnp.asarray(mask), method=vqvae.VQVAE.decode_tokens)
+  np.testing.assert_allclose(ours, want, rtol=1e-5, atol=1e-6)
+  raw = np.asarray(params["listener_vq"]["quantizer"]["codebook"])
+  assert not np.allclose(np.linalg.norm(raw, axis=-1), 1.0)  # the two really differ
+
+
 def test_audio_projection_switch_sets_the_decoder_width(batches):
   for projection, width in ((0, TINY_DIM["dim"] + AUDIO), (8, TINY_DIM["dim"] + 8)):
     config = config_lib.dim_config("pretrain")
@@ -957,16 +982,29 @@ def _generate_config(data_dir, model_dir, num_samples, temperature, max_len=16):
   return config
 
 
-def test_generate_phase_writes_one_file_per_clip_and_sample(chain):
+@pytest.fixture(scope="module")
+def finetuned(chain):
+  """A (barely) fine-tuned DIM-Listener: what `generate` and `evaluate` restore."""
   config = dim_chain_config("finetune_listener", chain["data_dir"], steps=2)
   config.init.pretrain = chain["pretrain"]
   finetune_dir = str(chain["root"] / "generate_finetune")
   phases.run(config, finetune_dir)
+  return finetune_dir
+
+
+@pytest.fixture(scope="module")
+def generated(chain, finetuned):
+  out = str(chain["root"] / "generate_sampled")
+  summary = phases.run(_generate_config(chain["data_dir"], finetuned, 2, 1.0), out)
+  return out, summary
+
+
+def test_generate_phase_writes_one_file_per_clip_and_sample(chain, finetuned, generated):
+  finetune_dir = finetuned
   clips = {c["clip_id"]: c for c in records.read_clips(chain["data_dir"], "test")}
   assert max(c["length"] for c in clips.values()) > 16  # windows really are reassembled
 
-  out = str(chain["root"] / "generate_sampled")
-  summary = phases.run(_generate_config(chain["data_dir"], finetune_dir, 2, 1.0), out)
+  out, summary = generated
   assert summary["clips"] == len(clips) and summary["role"] == "listener"
   settings = json.load(open(os.path.join(out, "generated", "sampling.json")))
   assert settings["num_samples"] == 2 and settings["sampling"]["top_k_fraction"] == 0.1
@@ -994,6 +1032,49 @@ def test_generate_phase_writes_one_file_per_clip_and_sample(chain):
       np.testing.assert_array_equal(
           np.load(os.path.join(out, "generated", f"sample_{k}", f"{clip_id}.npy")),
           np.load(os.path.join(again, "generated", f"sample_{k}", f"{clip_id}.npy")))
+
+
+def test_evaluate_scores_the_models_own_samples(chain, generated):
+  """Phase `evaluate` on a model: its rows are the metrics of the samples `generate` writes."""
+  out, _ = generated
+  gen_config = _generate_config(chain["data_dir"], chain["root"] / "unused", 2, 1.0)
+  config = config_lib.evaluate_config()
+  config.data.dir = chain["data_dir"]
+  config.data.max_len = gen_config.data.max_len
+  config.data.bucket_boundaries = gen_config.data.bucket_boundaries
+  config.init.model = str(chain["root"] / "generate_finetune")
+  config.evaluate.num_seeds = 2
+  config.evaluate.best_of = 2
+  config.evaluate.batch_size = gen_config.generate.batch_size
+  config.evaluate.seed = gen_config.generate.seed
+  config.evaluate.sampling.temperature = gen_config.generate.sampling.temperature
+  config.evaluate.plot_clips = 1
+  results = phases.run(config, str(chain["root"] / "evaluate"))
+
+  # Same checkpoint, seed, batches and sampling settings as the generate run: same samples.
+  clips = records.read_clips(chain["data_dir"], "test")
+  truth, lengths = evaluate_lib.pad_clips([c["listener_motion"] for c in clips])
+  speaker, _ = evaluate_lib.pad_clips([c["speaker_motion"] for c in clips])
+  files = np.stack([evaluate_lib.pad_clips(
+      [np.load(os.path.join(out, "generated", f"sample_{k}", f"{c['clip_id']}.npy"))
+       for c in clips])[0] for k in range(2)])
+  ids = [c["clip_id"] for c in clips]
+  clusters = metrics_lib.fit_clusters(truth, lengths, clip_ids=ids)
+  rows = {m["name"]: m for m in results["methods"]}
+  assert rows["DIM-Listener"]["runs"] == 2
+  for protocol in ("dim_compat", "per_sequence"):
+    want = [metrics_lib.listener_metrics(truth, files[k], speaker, lengths, protocol=protocol,
+                                         clusters=clusters, clip_ids=ids) for k in range(2)]
+    got = rows["DIM-Listener"]["metrics"][protocol]
+    for key in ("fd_expression", "mse_pose", "sid_expression", "rpcc_pose"):
+      np.testing.assert_allclose(got[key]["values"], [w[key] for w in want], rtol=1e-5)
+    oracle = metrics_lib.listener_metrics(
+        truth, evaluate_lib.best_of_samples(files, truth, lengths), speaker, lengths,
+        protocol=protocol, clusters=clusters, clip_ids=ids)
+    got = rows["DIM-Listener best-of-2 (oracle, diagnostic)"]["metrics"][protocol]
+    np.testing.assert_allclose(got["mse_expression"]["mean"], oracle["mse_expression"], rtol=1e-5)
+  assert {"Random", "Mirror", "NN-motion", "NN-audio"} <= set(rows)
+  assert os.path.exists(os.path.join(chain["root"], "evaluate", "report.md"))
 
 
 def test_generate_refuses_models_that_cannot_generate(chain, tmp_path):

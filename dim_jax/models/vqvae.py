@@ -301,8 +301,12 @@ class VectorQuantizer(nn.Module):
                 quant_loss=self.beta * commit + codebook_loss,
                 perplexity=perplexity, code_counts=usage)
 
+  def codes(self) -> Array:
+    """The code vectors the decoder sees ([K, code_dim]; unit length when `normalize`)."""
+    return self._codes(self.get_variable("params", "codebook"))
+
   def lookup(self, tokens: Array) -> Array:
-    return self._codes(self.get_variable("params", "codebook"))[tokens]
+    return self.codes()[tokens]
 
 
 def _l2_normalize(x: Array) -> Array:
@@ -322,6 +326,7 @@ class VQVAE(nn.Module):
     __call__(motion, mask, train) -> dict(reconstruction, tokens, quant_loss, perplexity, ...)
     encode(motion, mask, train) -> quantizer dict (tokens, quantized, quant_loss, ...)
     decode_tokens(tokens, mask, train) -> motion [B, T, in_dim]
+    code_vectors() -> [K, code_dim], the decoder's input per token
   """
   config: VQConfig
 
@@ -342,6 +347,10 @@ class VQVAE(nn.Module):
 
   def decode_tokens(self, tokens: Array, mask: Array, train: bool = False) -> Array:
     return self.decode(self.quantizer.lookup(tokens), mask, train=train)
+
+  def code_vectors(self) -> Array:
+    """[K, code_dim]: what `decode` expects per token (not the raw parameter if normalized)."""
+    return self.quantizer.codes()
 
   def __call__(self, motion: Array, mask: Array, train: bool = False) -> dict[str, Array]:
     quant = self.encode(motion, mask, train=train)

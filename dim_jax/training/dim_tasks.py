@@ -320,7 +320,8 @@ class DIMTask:
   def _decode_motion(self, params, role: str, logits, frames, rng, train: bool):
     """VQ-decodes predicted tokens ('argmax', official) or the expected code ('soft')."""
     vq = self.speaker_vq if role == "speaker" else self.listener_vq
-    codebook = params[f"{role}_vq"]["quantizer"]["codebook"]
+    # The decoder's code vectors, not the raw parameter (they differ with codebook_normalize).
+    codebook = vq.apply({"params": params[f"{role}_vq"]}, method=vqvae.VQVAE.code_vectors)
     if self.options.decode == "soft":
       quantized = jax.nn.softmax(logits.astype(jnp.float32), axis=-1) @ codebook
     else:
