@@ -29,7 +29,7 @@ from dim_jax.training import metric_writer
 flags.DEFINE_string("workdir", "runs/demo", "Where the demo writes everything.")
 flags.DEFINE_integer("vq_steps", 400, "Training steps per tokenizer.")
 flags.DEFINE_integer("pretrain_steps", 150, "DIM pretraining steps.")
-flags.DEFINE_integer("finetune_steps", 300, "DIM-Listener fine-tuning steps.")
+flags.DEFINE_integer("finetune_steps", 600, "DIM-Listener fine-tuning steps.")
 flags.DEFINE_integer("num_seeds", 3, "Sampling seeds of the evaluation's headline row.")
 FLAGS = flags.FLAGS
 
@@ -101,7 +101,7 @@ def verdict(evaluation: dict) -> list[str]:
 
 
 def run_demo(workdir: str, vq_steps: int = 400, pretrain_steps: int = 150,
-             finetune_steps: int = 300, num_seeds: int = 3) -> dict:
+             finetune_steps: int = 600, num_seeds: int = 3) -> dict:
   data_dir = os.path.join(workdir, "data")
   path = lambda name: os.path.join(workdir, name)
   reports = {}

@@ -495,7 +495,10 @@ def vq_chain_config(role, data_dir):
 
 
 def dim_chain_config(phase, data_dir, steps=2, ablation="none"):
-  config = config_lib.shrink_dim_to_tiny(config_lib.dim_config(phase, ablation))
+  config = config_lib.dim_config(phase, ablation)
+  official_loss = config.loss.to_dict()
+  config = config_lib.shrink_dim_to_tiny(config)
+  config.loss.update(official_loss)  # these tests check the official losses and freezing.
   for key, value in CHAIN_DIM.items():
     config.model[key] = value
   return _chain_common(config, data_dir, steps)
@@ -1037,7 +1040,7 @@ def test_generate_phase_writes_one_file_per_clip_and_sample(chain, finetuned, ge
 def test_evaluate_scores_the_models_own_samples(chain, generated):
   """Phase `evaluate` on a model: its rows are the metrics of the samples `generate` writes."""
   out, _ = generated
-  gen_config = _generate_config(chain["data_dir"], chain["root"] / "unused", 2, 1.0)
+  gen_config = _generate_config(chain["data_dir"], str(chain["root"] / "unused"), 2, 1.0)
   config = config_lib.evaluate_config()
   config.data.dir = chain["data_dir"]
   config.data.max_len = gen_config.data.max_len
