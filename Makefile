@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e .
 	touch $(STAMP)
 
-# Test extras: pytest, and torch + x-transformers for the parity tests.
+# Test extras: pytest (+ xdist: two workers, one test file each), nbclient for the notebook
+# test, and torch + x-transformers for the parity tests.
 $(TEST_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet -e ".[test,parity]"
 	touch $(TEST_STAMP)
@@ -26,7 +27,7 @@ demo: $(STAMP)
 	$(PY) -m dim_jax.demo --workdir $(WORKDIR)
 
 test: $(TEST_STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) runs

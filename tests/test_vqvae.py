@@ -82,6 +82,39 @@ def test_masked_instance_norm_matches_numpy_on_valid_frames():
     np.testing.assert_allclose(got[b, :n], expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("norm", ["instance", "frame", "none"])
+def test_conv_block_norms_and_window_offsets(norm):
+  """The block is conv -> LeakyReLU -> norm (official InstanceNorm, ours per frame, none)."""
+  rng = np.random.default_rng(4)
+  x = rng.normal(size=(1, 12, 3)).astype(np.float32)
+  mask = np.ones((1, 12), bool)
+  block = vqvae.ConvBlock(features=6, leaky_slope=0.2, norm=norm)
+  params = block.init(jax.random.PRNGKey(0), jnp.asarray(x), jnp.asarray(mask))
+  kernel = np.asarray(params["params"]["conv"]["kernel"])  # [5, 3, 6]
+  bias = np.asarray(params["params"]["conv"]["bias"])
+  padded = np.pad(x[0], ((2, 2), (0, 0)), mode="edge")
+  conv = np.stack([np.einsum("kc,kcf->f", padded[t:t + 5], kernel) for t in range(12)]) + bias
+  act = np.where(conv > 0, conv, 0.2 * conv)
+  if norm == "instance":
+    want = (act - act.mean(0)) / np.sqrt(act.var(0) + 1e-5)
+  elif norm == "frame":
+    want = (act - act.mean(1, keepdims=True)) / np.sqrt(act.var(1, keepdims=True) + 1e-5)
+  else:
+    want = act
+  got = np.asarray(block.apply(params, jnp.asarray(x), jnp.asarray(mask)))[0]
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  # A per-channel offset over the window (a slow drift): instance norm erases it, frame
+  # norm keeps it.
+  offset = jnp.asarray(act + rng.normal(size=(1, 6)), jnp.float32)[None]
+  base = jnp.asarray(act, jnp.float32)[None]
+  erased = np.allclose(vqvae.masked_instance_norm(offset, jnp.asarray(mask)),
+                       vqvae.masked_instance_norm(base, jnp.asarray(mask)), atol=1e-4)
+  kept = not np.allclose(vqvae.frame_norm(offset), vqvae.frame_norm(base), atol=1e-2)
+  assert erased and kept
+  with pytest.raises(ValueError, match="conv_norm"):
+    vqvae.VQConfig(conv_norm="batch")
+
+
 def test_replicate_pad_repeats_last_valid_frame():
   x = np.arange(2 * 6 * 1, dtype=np.float32).reshape(2, 6, 1)
   lengths = np.array([4, 6])

@@ -46,10 +46,11 @@ class VQConfig:
   # ViT-VQGAN does; every code starts on the latents' scale, so small data cannot collapse
   # the codebook onto a few codes while Adam slowly moves codes initialised near zero.
   codebook_normalize: bool = False
-  # Official True: InstanceNorm over time after each conv. It removes every channel's
-  # per-window mean and scale, so a window's slow offsets (head drift, low-frequency
-  # expression) cannot be reconstructed from its tokens; ours can turn it off.
-  instance_norm: bool = True
+  # Normalisation after each conv. 'instance' (official): InstanceNorm over time; it removes
+  # every channel's per-window mean and scale, so a window's slow offsets (head drift,
+  # low-frequency expression) cannot pass through. 'frame' (ours): each frame normalised over
+  # channels, which keeps them; 'none'.
+  conv_norm: str = "instance"
   # Ours (off = official init): the decoder's output layer starts at zero, so training starts
   # from the mean pose instead of spending its first steps shrinking O(1) outputs onto motion
   # whose pose dims move by ~0.01 rad.
@@ -68,6 +69,11 @@ class VQConfig:
     if self.hidden_size % self.num_heads:
       raise ValueError(f"model.hidden_size={self.hidden_size} is not divisible by "
                        f"model.num_heads={self.num_heads}")
+    if self.conv_norm not in CONV_NORMS:
+      raise ValueError(f"model.conv_norm={self.conv_norm!r}; expected one of {CONV_NORMS}")
+
+
+CONV_NORMS = ("instance", "frame", "none")
 
 
 def sinusoid_table(max_len: int, dim: int) -> np.ndarray:
@@ -88,6 +94,14 @@ def masked_instance_norm(x: Array, mask: Array, eps: float = 1e-5) -> Array:
   mean = (x32 * weights).sum(axis=1, keepdims=True) / count
   # Biased variance, as torch's InstanceNorm.
   var = (jnp.square(x32 - mean) * weights).sum(axis=1, keepdims=True) / count
+  return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def frame_norm(x: Array, eps: float = 1e-5) -> Array:
+  """LayerNorm without affine over channels, per frame: [B, T, C]."""
+  x32 = x.astype(jnp.float32)
+  mean = x32.mean(axis=-1, keepdims=True)
+  var = jnp.square(x32 - mean).mean(axis=-1, keepdims=True)
   return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
@@ -136,7 +150,7 @@ class ConvBlock(nn.Module):
   features: int
   leaky_slope: float
   dtype: Any = jnp.float32
-  instance_norm: bool = True
+  norm: str = "instance"  # VQConfig.conv_norm
 
   @nn.compact
   def __call__(self, x: Array, mask: Array) -> Array:
@@ -145,7 +159,9 @@ class ConvBlock(nn.Module):
     x = nn.Conv(self.features, kernel_size=(5,), padding="VALID", dtype=self.dtype,
                 name="conv")(x)
     x = nn.leaky_relu(x, self.leaky_slope)
-    return masked_instance_norm(x, mask) if self.instance_norm else x
+    if self.norm == "instance":
+      return masked_instance_norm(x, mask)
+    return frame_norm(x) if self.norm == "frame" else x
 
 
 class SelfAttention(nn.Module):
@@ -231,7 +247,7 @@ class MotionEncoder(nn.Module):
     cfg = self.config
     x = dense(cfg.hidden_size, cfg.dtype, "vertice_mapping")(motion)
     x = nn.leaky_relu(x, cfg.leaky_slope)
-    x = ConvBlock(cfg.hidden_size, cfg.leaky_slope, cfg.dtype, cfg.instance_norm,
+    x = ConvBlock(cfg.hidden_size, cfg.leaky_slope, cfg.dtype, cfg.conv_norm,
                   name="squasher")(x, mask)
     x = dense(cfg.hidden_size, cfg.dtype, "linear_embedding")(x)
     x = PositionalEncoding(cfg, name="pos")(x, train=train)
@@ -249,7 +265,7 @@ class MotionDecoder(nn.Module):
   def __call__(self, latents: Array, mask: Array, *, train: bool) -> Array:
     cfg = self.config
     x = dense(cfg.hidden_size, cfg.dtype, "linear_embedding_pre")(latents)
-    x = ConvBlock(cfg.hidden_size, cfg.leaky_slope, cfg.dtype, cfg.instance_norm,
+    x = ConvBlock(cfg.hidden_size, cfg.leaky_slope, cfg.dtype, cfg.conv_norm,
                   name="expander")(x, mask)
     x = dense(cfg.hidden_size, cfg.dtype, "linear_embedding")(x)
     x = PositionalEncoding(cfg, name="pos")(x, train=train)
