@@ -11,10 +11,4 @@ from dim_jax import config_lib
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, size="official")
-  config = config_lib.generate_config()
-  if args.size == "tiny":
-    config_lib.tiny_data(config.data)
-  elif args.size != "official":
-    raise ValueError(f"size={args.size!r}; expected 'official' or 'tiny'")
-  return config
+  return config_lib.inference_config_from_arg(config_lib.generate_config(), arg)

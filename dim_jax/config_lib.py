@@ -281,15 +281,32 @@ def shrink_dim_to_tiny(config: ml_collections.ConfigDict) -> ml_collections.Conf
   return tiny_training(config, num_steps=300, learning_rate=1e-3, eval_every_steps=100)
 
 
-def generate_config() -> ml_collections.ConfigDict:
-  """Phase `generate`: sample motion for every clip of a split from a fine-tuned model."""
+def _from_finetuned_config(phase: str) -> ml_collections.ConfigDict:
+  """The fields shared by the phases that read a fine-tuned model (generate, evaluate)."""
   config = ml_collections.ConfigDict()
-  config.phase = "generate"
+  config.phase = phase
   config.seed = 0
   config.data = data_config()
   config.mesh = mesh_config()
   config.init = ml_collections.ConfigDict()
   config.init.model = ""           # workdir of a finetune_listener / finetune_speaker run.
+  return config
+
+
+def inference_config_from_arg(config: ml_collections.ConfigDict,
+                              arg: str | None) -> ml_collections.ConfigDict:
+  """`configs/generate.py` / `configs/evaluate.py` argument: `size=tiny` = the demo's data."""
+  args = parse_arg(arg, size="official")
+  if args.size == "tiny":
+    tiny_data(config.data)
+  elif args.size != "official":
+    raise ValueError(f"size={args.size!r}; expected 'official' or 'tiny'")
+  return config
+
+
+def generate_config() -> ml_collections.ConfigDict:
+  """Phase `generate`: sample motion for every clip of a split from a fine-tuned model."""
+  config = _from_finetuned_config("generate")
   config.generate = ml_collections.ConfigDict()
   config.generate.split = "test"
   config.generate.num_samples = 1  # independent samples per clip (one batch).
@@ -306,13 +323,7 @@ def generate_config() -> ml_collections.ConfigDict:
 
 def evaluate_config() -> ml_collections.ConfigDict:
   """Phase `evaluate`: the model and baselines on the test split, report + plots."""
-  config = ml_collections.ConfigDict()
-  config.phase = "evaluate"
-  config.seed = 0
-  config.data = data_config()
-  config.mesh = mesh_config()
-  config.init = ml_collections.ConfigDict()
-  config.init.model = ""           # workdir of a finetune_listener / finetune_speaker run.
+  config = _from_finetuned_config("evaluate")
   ev = config.evaluate = ml_collections.ConfigDict()
   ev.role = "listener"             # whose motion is scored: 'listener' or 'speaker'.
   ev.split = "test"                # the only phase that reads it.
