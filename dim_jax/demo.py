@@ -129,10 +129,7 @@ def run_demo(workdir: str, vq_steps: int = 400, pretrain_steps: int = 150,
   reports["evaluate"] = phases.run(config, path("evaluate"))
   text = format_report(reports)
   phases.write_json_atomic(path("report.json"), reports)
-  tmp = path("report.md.tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path("report.md"))
+  report_lib.atomic_write_bytes(path("report.md"), text.encode("utf-8"))
   print(text)
   print(f"Report: {path('report.md')}")
   return reports

@@ -23,6 +23,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from dim_jax.evaluation.metrics import pad_clips, valid_mask
+
 # Same values as records.MOTION_DIM / AUDIO_DIM (a test checks it); not imported from there
 # because records imports TensorFlow, which scoring baselines does not need.
 MOTION_DIM = 56
@@ -54,9 +56,6 @@ _STREAM_WIDTHS = {
 _CHUNK_ELEMENTS = 1 << 23
 
 
-def valid_mask(lengths: np.ndarray, num_frames: int) -> np.ndarray:
-  """Returns the ``[N, num_frames]`` bool mask of valid frames (``t < lengths[i]``)."""
-  return np.arange(num_frames)[None, :] < np.asarray(lengths)[:, None]
 
 
 def _check_lengths(lengths: Any, num_clips: int | None, num_frames: int, name: str,
@@ -175,14 +174,7 @@ class TrainingClips:
         raise ValueError(f"{where}: field length = {clip['length']} but the streams have "
                          f"{frames} frames")
       lengths.append(frames)
-    num_frames = max(lengths)
-    padded = {}
-    for field, width in _STREAM_WIDTHS.items():
-      out = np.zeros((len(clips), num_frames, width), np.float32)
-      # One copy per clip: building the split, not a per-frame hot path.
-      for index, array in enumerate(streams[field]):
-        out[index, : array.shape[0]] = array
-      padded[field] = out
+    padded = {field: pad_clips(arrays)[0] for field, arrays in streams.items()}
     return cls(**padded, lengths=np.asarray(lengths, np.int64))
 
   @property

@@ -36,6 +36,7 @@ from dim_jax.data import pipeline, records
 from dim_jax.evaluation import baselines as baselines_lib
 from dim_jax.evaluation import metrics as metrics_lib
 from dim_jax.evaluation import report as report_lib
+from dim_jax.evaluation.metrics import pad_clips
 
 BASELINE_NAMES = {"random": "Random", "mirror": "Mirror", "nn_motion": "NN-motion",
                   "nn_audio": "NN-audio"}
@@ -43,15 +44,6 @@ BASELINE_NAMES = {"random": "Random", "mirror": "Mirror", "nn_motion": "NN-motio
 PARTNER_MOTION_BASELINES = ("mirror", "nn_motion")
 MODEL_NAMES = {"listener": "DIM-Listener", "speaker": "DIM-Speaker"}
 OTHER_ROLE = {"listener": "speaker", "speaker": "listener"}
-
-
-def pad_clips(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-  """[T_i, D] arrays -> (zero-padded [N, T_max, D] float32, lengths [N])."""
-  lengths = np.array([a.shape[0] for a in arrays], np.int64)
-  out = np.zeros((len(arrays), int(lengths.max()), arrays[0].shape[1]), np.float32)
-  for i, a in enumerate(arrays):  # One copy per clip (not per frame).
-    out[i, : a.shape[0]] = a
-  return out, lengths
 
 
 def _model_samples(config, data_dir: str, role: str, clips: list[dict], num_samples: int):
@@ -87,9 +79,9 @@ def load_predictions(directory: str, clips: list[dict], num_frames: int) -> np.n
   from dim_jax import generate  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"evaluate.predictions={directory!r} is not a directory")
-  sample_dirs = sorted((d for d in os.listdir(directory) if d.startswith("sample_")),
-                       key=lambda d: int(d.split("_", 1)[1]) if d[7:].isdigit() else -1)
-  sample_dirs = [d for d in sample_dirs if d[7:].isdigit()]
+  sample_dirs = sorted((d for d in os.listdir(directory)
+                        if d.startswith("sample_") and d[len("sample_"):].isdigit()),
+                       key=lambda d: int(d[len("sample_"):]))
   if not sample_dirs:
     raise FileNotFoundError(f"{directory}: no sample_<k>/ subdirectories of predictions")
   out = np.zeros((len(sample_dirs), len(clips), num_frames, records.MOTION_DIM), np.float32)
@@ -133,7 +125,7 @@ def _method(name: str, kind: str, note: str, runs: list[np.ndarray], score) -> d
 
 def best_of_samples(samples: np.ndarray, truth: np.ndarray, lengths: np.ndarray) -> np.ndarray:
   """Per clip, the sample with the lowest MSE to the ground truth (the official oracle)."""
-  mask = (np.arange(truth.shape[1])[None, :] < lengths[:, None])[None, ..., None]
+  mask = metrics_lib.valid_mask(lengths, truth.shape[1])[None, ..., None]
   errors = (np.square(samples - truth[None]) * mask).sum(axis=(2, 3))  # [S, N]
   best = np.argmin(errors, axis=0)
   return samples[best, np.arange(truth.shape[0])]
@@ -194,9 +186,9 @@ def run_evaluate(config, workdir: str) -> dict:
                                       clip_ids=clip_ids)
 
   def score(prediction):
-    return {protocol: metrics_lib.listener_metrics(
-        truth, prediction, partner, lengths, protocol=protocol, clusters=clusters,
-        clip_ids=clip_ids) for protocol in protocols}
+    return metrics_lib.listener_metrics_by_protocol(
+        truth, prediction, partner, lengths, protocols=protocols, clusters=clusters,
+        clip_ids=clip_ids)
 
   methods = [dict(name="Ground truth", kind="reference", runs=1,
                   note="SID and Var of the ground truth itself (the paper's GT row)",

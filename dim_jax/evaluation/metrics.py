@@ -62,9 +62,18 @@ class MetricInputError(ValueError):
 # --------------------------------------------------------------------------------------
 
 
-def _valid_mask(lengths: np.ndarray, num_frames: int) -> np.ndarray:
-  """``[N, num_frames]`` bool mask of valid frames."""
-  return np.arange(num_frames)[None, :] < lengths[:, None]
+def valid_mask(lengths: Any, num_frames: int) -> np.ndarray:
+  """``[N, num_frames]`` bool mask of valid frames (``t < lengths[i]``)."""
+  return np.arange(num_frames)[None, :] < np.asarray(lengths)[:, None]
+
+
+def pad_clips(arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+  """``[T_i, D]`` arrays -> (zero-padded ``[N, T_max, D]`` float32, lengths ``[N]``)."""
+  lengths = np.array([a.shape[0] for a in arrays], np.int64)
+  out = np.zeros((len(arrays), int(lengths.max()), arrays[0].shape[1]), np.float32)
+  for i, a in enumerate(arrays):  # One copy per clip (not per frame).
+    out[i, : a.shape[0]] = a
+  return out, lengths
 
 
 def _clip_names(indices: np.ndarray, clip_ids: Sequence[Any] | None) -> str:
@@ -156,7 +165,7 @@ def check_inputs(truth: Any, prediction: Any, lengths: Any, *, speaker: Any = No
   if clip_ids is not None and len(clip_ids) != num_clips:
     raise MetricInputError(f"{len(clip_ids)} clip_ids for {num_clips} clips")
   lengths = _check_lengths(lengths, num_clips, num_frames, min_frames, clip_ids)
-  mask = _valid_mask(lengths, num_frames)
+  mask = valid_mask(lengths, num_frames)
   for name, x in arrays.items():
     _check_finite(name, x, mask, clip_ids)
 
@@ -278,7 +287,7 @@ def sequence_moments(x: Any, lengths: Any) -> tuple[np.ndarray, np.ndarray]:
   if x.ndim != 3:
     raise MetricInputError(f"x must be [N, T, D], got shape {x.shape}")
   lengths = _check_lengths(lengths, x.shape[0], x.shape[1], 2, None)
-  mask = _valid_mask(lengths, x.shape[1])
+  mask = valid_mask(lengths, x.shape[1])
   _check_finite("x", x, mask, None)
   return _moments(_zeroed(x, mask), mask, lengths.astype(np.float64))
 
@@ -331,7 +340,7 @@ def _fd_chunks(truth: np.ndarray, prediction: np.ndarray, lengths: np.ndarray, p
 def _fd_chunk(truth: np.ndarray, prediction: np.ndarray, lengths: np.ndarray, part: slice,
               speaker: np.ndarray | None) -> np.ndarray:
   """`_fd_chunks` of one batch of clips."""
-  mask = _valid_mask(lengths, truth.shape[1])
+  mask = valid_mask(lengths, truth.shape[1])
   n = lengths.astype(np.float64)
   gt = _zeroed(truth[..., part], mask)
   pred = _zeroed(prediction[..., part], mask)
@@ -366,7 +375,7 @@ def _mse_chunks(truth: np.ndarray, prediction: np.ndarray, lengths: np.ndarray,
                 part: slice) -> np.ndarray:
   out = []
   for s in _chunks(len(lengths)):
-    mask = _valid_mask(lengths[s], truth.shape[1])
+    mask = valid_mask(lengths[s], truth.shape[1])
     d = _zeroed(truth[s, :, part], mask) - _zeroed(prediction[s, :, part], mask)
     out.append(_per_clip_mean(d * d, mask))
   return np.concatenate(out)
@@ -432,7 +441,7 @@ class FrameClusters:
       k = DEFAULT_K[part]
     sl = _part_slice(part)
     lengths = _check_lengths(lengths, truth.shape[0], truth.shape[1], 1, clip_ids)
-    mask = _valid_mask(lengths, truth.shape[1])
+    mask = valid_mask(lengths, truth.shape[1])
     _check_finite("truth", truth, mask, clip_ids)
     frames = truth[..., sl][mask]
     if not np.issubdtype(frames.dtype, np.floating):
@@ -454,7 +463,7 @@ class FrameClusters:
     """
     x = _check_array("x", x)
     lengths = _check_lengths(lengths, x.shape[0], x.shape[1], 1, clip_ids)
-    mask = _valid_mask(lengths, x.shape[1])
+    mask = valid_mask(lengths, x.shape[1])
     _check_finite("x", x, mask, clip_ids)
     frames = x[..., _part_slice(self.part)][mask]
     if frames.shape[1] != self.kmeans.n_features_in_:
@@ -468,7 +477,7 @@ class FrameClusters:
     """Whether these clusters were fitted on exactly this truth (same valid frames)."""
     truth = np.asarray(truth)
     lengths = np.asarray(lengths, np.int64)
-    frames = truth[..., _part_slice(self.part)][_valid_mask(lengths, truth.shape[1])]
+    frames = truth[..., _part_slice(self.part)][valid_mask(lengths, truth.shape[1])]
     return frames.shape[0] == self.num_frames and _fingerprint(frames) == self.fingerprint
 
 
@@ -534,7 +543,7 @@ def _part_statistics(truth: np.ndarray, prediction: np.ndarray, speaker: np.ndar
                      sts_timestep: float) -> dict[str, float]:
   """Var of the prediction, rPCC and STS of one part under ``protocol``."""
   if protocol == "dim_compat":
-    mask = _valid_mask(lengths, truth.shape[1])
+    mask = valid_mask(lengths, truth.shape[1])
     gt, pred, sp = (_pooled(a, mask, part) for a in (truth, prediction, speaker))
     # STS on the pooled frames, as the official code: the last frame of clip i and the first
     # of clip i + 1 count as consecutive (per_sequence drops these cross-clip differences).
@@ -543,7 +552,7 @@ def _part_statistics(truth: np.ndarray, prediction: np.ndarray, speaker: np.ndar
                 sts=_sts_pooled(gt, pred, sts_timestep))
   var, rpcc, sts = [], [], []
   for s in _chunks(len(lengths)):
-    mask = _valid_mask(lengths[s], truth.shape[1])
+    mask = valid_mask(lengths[s], truth.shape[1])
     gt, pred, sp = (_zeroed(a[s, :, part], mask) for a in (truth, prediction, speaker))
     var.append(_masked_variance(pred, mask))
     rpcc.append(np.abs(_pearson_per_clip(gt, sp, mask) - _pearson_per_clip(pred, sp, mask)))
@@ -552,11 +561,15 @@ def _part_statistics(truth: np.ndarray, prediction: np.ndarray, speaker: np.ndar
           for name, v in (("var", var), ("rpcc", rpcc), ("sts", sts))}
 
 
-def _sid(c: FrameClusters, x: np.ndarray, lengths: np.ndarray, protocol: str) -> float:
-  labels, clip_index = c.assign(x, lengths)
+def _sid_of_labels(c: FrameClusters, labels: np.ndarray, clip_index: np.ndarray,
+                   num_clips: int, protocol: str) -> float:
   if protocol == "dim_compat":
     return entropy_bits(labels, c.k)
-  return float(np.mean(entropy_bits_per_clip(labels, clip_index, len(lengths), c.k)))
+  return float(np.mean(entropy_bits_per_clip(labels, clip_index, num_clips, c.k)))
+
+
+def _sid(c: FrameClusters, x: np.ndarray, lengths: np.ndarray, protocol: str) -> float:
+  return _sid_of_labels(c, *c.assign(x, lengths), len(lengths), protocol)
 
 
 def listener_metrics(truth: Any, prediction: Any, speaker: Any, lengths: Any, *, protocol: str,
@@ -578,24 +591,42 @@ def listener_metrics(truth: Any, prediction: Any, speaker: Any, lengths: Any, *,
     ``fd_*, pfd_*, mse_*, sid_*, var_*, rpcc_*, sts_*`` for ``* in (expression, pose)``. A
     correlation involving a constant series (official: NaN) counts as 0.
   """
-  _check_protocol(protocol)
+  return listener_metrics_by_protocol(
+      truth, prediction, speaker, lengths, protocols=(protocol,), clusters=clusters,
+      sts_timestep=sts_timestep, clip_ids=clip_ids)[protocol]
+
+
+def listener_metrics_by_protocol(truth: Any, prediction: Any, speaker: Any, lengths: Any, *,
+                                 protocols: Sequence[str], clusters: Mapping[str, FrameClusters],
+                                 sts_timestep: float = STS_TIMESTEP,
+                                 clip_ids: Sequence[Any] | None = None
+                                 ) -> dict[str, dict[str, float]]:
+  """`listener_metrics` under several protocols: ``{protocol: metrics}``.
+
+  FD, P-FD and MSE are per sequence in both protocols and the cluster labels do not depend
+  on the protocol either: they are computed once.
+  """
+  for protocol in protocols:
+    _check_protocol(protocol)
   check_inputs(truth, prediction, lengths, speaker=speaker, clip_ids=clip_ids, min_frames=2,
                width=MOTION_DIM)
   truth, prediction, speaker = np.asarray(truth), np.asarray(prediction), np.asarray(speaker)
   lengths = np.asarray(lengths, np.int64)
-  per_part = {}
+  per_part = {protocol: {} for protocol in protocols}
   for name, part in PARTS.items():
     c = _checked_clusters(clusters, name, truth, lengths)
-    stats = dict(fd=_fd_chunks(truth, prediction, lengths, part, None).mean(),
-                 pfd=_fd_chunks(truth, prediction, lengths, part, speaker).mean(),
-                 mse=_mse_chunks(truth, prediction, lengths, part).mean(),
-                 sid=_sid(c, prediction, lengths, protocol))
-    stats.update(_part_statistics(truth, prediction, speaker, lengths, part, protocol,
-                                  sts_timestep))
-    per_part[name] = stats
-  metrics = {f"{metric}_{name}": float(per_part[name][metric])
-             for metric in ("fd", "pfd", "mse", "sid", "var", "rpcc", "sts") for name in PARTS}
-  return _finite_or_raise(metrics)
+    shared = dict(fd=_fd_chunks(truth, prediction, lengths, part, None).mean(),
+                  pfd=_fd_chunks(truth, prediction, lengths, part, speaker).mean(),
+                  mse=_mse_chunks(truth, prediction, lengths, part).mean())
+    labels, clip_index = c.assign(prediction, lengths)
+    for protocol in protocols:
+      per_part[protocol][name] = dict(
+          shared, sid=_sid_of_labels(c, labels, clip_index, len(lengths), protocol),
+          **_part_statistics(truth, prediction, speaker, lengths, part, protocol, sts_timestep))
+  return {protocol: _finite_or_raise({
+      f"{metric}_{name}": float(parts[name][metric])
+      for metric in ("fd", "pfd", "mse", "sid", "var", "rpcc", "sts") for name in PARTS})
+          for protocol, parts in per_part.items()}
 
 
 def reference_metrics(truth: Any, lengths: Any, *, protocol: str,
@@ -612,12 +643,12 @@ def reference_metrics(truth: Any, lengths: Any, *, protocol: str,
     metrics[f"sid_{name}"] = _sid(c, truth, lengths, protocol)
   for name, part in PARTS.items():
     if protocol == "dim_compat":
-      var = np.var(_pooled(truth, _valid_mask(lengths, truth.shape[1]), part).reshape(-1))
+      var = np.var(_pooled(truth, valid_mask(lengths, truth.shape[1]), part).reshape(-1))
     else:
       var = np.mean(np.concatenate([
           _masked_variance(_zeroed(truth[s, :, part], m), m)
           for s in _chunks(len(lengths))
-          for m in [_valid_mask(lengths[s], truth.shape[1])]]))
+          for m in [valid_mask(lengths[s], truth.shape[1])]]))
     metrics[f"var_{name}"] = float(var)
   return _finite_or_raise(metrics)
 
@@ -647,7 +678,7 @@ def _vertex_inputs(truth: Any, prediction: Any, lengths: Any, indices: Any,
   pred = prediction[:, :, indices]
   check_inputs(gt, pred, lengths, clip_ids=clip_ids, min_frames=1)
   lengths = np.asarray(lengths, np.int64)
-  mask = _valid_mask(lengths, truth.shape[1])
+  mask = valid_mask(lengths, truth.shape[1])
   gt = np.where(mask[..., None, None], gt, 0.0).astype(np.float64, copy=False)
   pred = np.where(mask[..., None, None], pred, 0.0).astype(np.float64, copy=False)
   if templates is None:
