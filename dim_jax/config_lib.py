@@ -277,6 +277,11 @@ def shrink_dim_to_tiny(config: ml_collections.ConfigDict) -> ml_collections.Conf
     # speakers +0.02); with this the speaker matters (+0.19) and MSE/FD improve.
     config.loss.decode = "soft"
     config.loss.continuous_weight = 10.0
+  # Ours (official SLMFT drops them): without positions the decoder's queries cannot address
+  # the speaker frame t - lag, so cross-entropy learns to copy the previous code and sampled
+  # rollouts ignore the speaker (demo: teacher-forced accuracy 0.627 vs copying 0.617,
+  # expression FD 0.31 -> 0.27, MSE 0.025 -> 0.015 with them). Pretraining already has them.
+  config.model.decoder_positions = True
   tiny_data(config.data)
   return tiny_training(config, num_steps=300, learning_rate=1e-3, eval_every_steps=100)
 

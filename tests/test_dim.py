@@ -496,9 +496,11 @@ def vq_chain_config(role, data_dir):
 
 def dim_chain_config(phase, data_dir, steps=2, ablation="none"):
   config = config_lib.dim_config(phase, ablation)
-  official_loss = config.loss.to_dict()
+  official_loss, official_positions = config.loss.to_dict(), config.model.decoder_positions
   config = config_lib.shrink_dim_to_tiny(config)
-  config.loss.update(official_loss)  # these tests check the official losses and freezing.
+  # These tests check the official losses, freezing and (SLMFT) decoder without positions.
+  config.loss.update(official_loss)
+  config.model.decoder_positions = official_positions
   for key, value in CHAIN_DIM.items():
     config.model[key] = value
   return _chain_common(config, data_dir, steps)
@@ -800,6 +802,29 @@ def test_audio_projection_switch_sets_the_decoder_width(batches):
     else:
       assert "audio_projector" not in abstract
   assert config_lib.dim_config("pretrain").model.audio_projection == 0  # official: raw audio
+
+
+def test_decoder_positions_let_queries_address_context_frames(base_params):
+  """Why the tiny listener fine-tune keeps decoder positions: without them, a run of one code
+  (the typical state of a slowly moving listener) gives the same logits at every frame, so
+  the decoder cannot tell which speaker frame its frame reacts to; with them it can."""
+  b, n = 2, 12
+  rng = np.random.default_rng(21)
+  tokens = jnp.full((b, n), 5, jnp.int32)
+  context = jnp.asarray(rng.normal(size=(b, n, TINY_DIM["dim"] + AUDIO)).astype(np.float32))
+  ones = jnp.ones((b, n), bool)
+
+  def logits(decoder_positions):
+    model = dim_lib.DIM(dim_lib.DIMConfig(**TINY_DIM, decoder_positions=decoder_positions))
+    return np.asarray(model.apply({"params": base_params["dim"]}, tokens, context, ones, None,
+                                  ones, method=dim_lib.DIM.decode))
+
+  without, with_positions = logits(False), logits(True)
+  np.testing.assert_allclose(without, np.broadcast_to(without[:, :1], without.shape), atol=1e-5)
+  assert np.abs(with_positions - with_positions[:, :1]).max() > 1e-3
+  tiny = config_lib.shrink_dim_to_tiny(config_lib.dim_config("finetune_listener"))
+  assert tiny.model.decoder_positions
+  assert not config_lib.dim_config("finetune_listener").model.decoder_positions  # official
 
 
 def test_parallel_decoding_is_bidirectional_with_mask_token(base_params):
