@@ -22,7 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 
-from dim_jax import config_lib, phases
+from dim_jax import config_lib, files, phases
 from dim_jax.evaluation import report as report_lib
 from dim_jax.training import metric_writer
 
@@ -128,8 +128,8 @@ def run_demo(workdir: str, vq_steps: int = 400, pretrain_steps: int = 150,
   config.evaluate.num_seeds = num_seeds
   reports["evaluate"] = phases.run(config, path("evaluate"))
   text = format_report(reports)
-  phases.write_json_atomic(path("report.json"), reports)
-  report_lib.atomic_write_bytes(path("report.md"), text.encode("utf-8"))
+  files.write_json_atomic(path("report.json"), dict(reports, versions=files.library_versions()))
+  files.write_text_atomic(path("report.md"), text)
   print(text)
   print(f"Report: {path('report.md')}")
   return reports

@@ -25,14 +25,13 @@ import dataclasses
 import functools
 import logging
 import os
-import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dim_jax import generation
+from dim_jax import files, generation
 from dim_jax.data import pipeline, records
 from dim_jax.models import dim as dim_lib
 from dim_jax.models import vqvae
@@ -157,24 +156,6 @@ def task_from_meta(meta: dict) -> dim_tasks.DIMTask:
       options=options)
 
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
-
-
-def clip_filename(clip_id: str) -> str:
-  """A clip id as a safe file name (ids may contain '/', e.g. session/clip)."""
-  name = _UNSAFE.sub("_", clip_id)
-  if not name or name.startswith("."):
-    name = "_" + name
-  return name + ".npy"
-
-
-def _save_npy_atomic(path: str, array: np.ndarray) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "wb") as f:
-    np.save(f, array)
-  os.replace(tmp, path)
-
-
 def generate_clips(generator: Generator, dataset, num_samples: int,
                    rng: jax.Array) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """Samples every clip of a windowed eval dataset; windows are reassembled per clip.
@@ -204,7 +185,6 @@ def generate_clips(generator: Generator, dataset, num_samples: int,
 
 def run_generate(config, workdir: str) -> dict:
   """Generates for every clip of `generate.split`; returns summary errors vs ground truth."""
-  from dim_jax import phases  # pylint: disable=g-import-not-at-top
   gc = config.generate
   sampling = generation.SamplingConfig.from_config(gc.sampling)
   if int(gc.num_samples) < 1:
@@ -227,16 +207,13 @@ def run_generate(config, workdir: str) -> dict:
     raise records.RecordError(f"{data_dir}: split {gc.split!r} has no clips to generate for")
   errors = {"pose_abs": 0.0, "expression_abs": 0.0, "pose_sq": 0.0, "expression_sq": 0.0,
             "frames": 0}
-  names = {}
+  names = files.clip_filenames(list(clips))  # distinct ids never share a file
   for k in range(num_samples):
     os.makedirs(os.path.join(out_dir, f"sample_{k}"), exist_ok=True)
   for clip, (stacked, target) in clips.items():
-    name = clip_filename(clip)
-    if name in names and names[name] != clip:
-      raise ValueError(f"clip ids {names[name]!r} and {clip!r} map to the same file {name}")
-    names[name] = clip
+    name = names[clip]
     for k in range(num_samples):
-      _save_npy_atomic(os.path.join(out_dir, f"sample_{k}", name), stacked[k].astype(np.float32))
+      files.save_npy_atomic(os.path.join(out_dir, f"sample_{k}", name), stacked[k].astype(np.float32))
     diff = stacked - target[None]
     errors["pose_abs"] += float(np.abs(diff[..., :6]).sum())
     errors["expression_abs"] += float(np.abs(diff[..., 6:]).sum())
@@ -251,6 +228,6 @@ def run_generate(config, workdir: str) -> dict:
       pose_l1=errors["pose_abs"] / (frames * 6), expression_l1=errors["expression_abs"] / (frames * 50),
       pose_mse=errors["pose_sq"] / (frames * 6), expression_mse=errors["expression_sq"] / (frames * 50))
   if jax.process_index() == 0:
-    phases.write_json_atomic(os.path.join(out_dir, "sampling.json"), summary)
+    files.write_json_atomic(os.path.join(out_dir, "sampling.json"), summary)
   logging.info("generated %d clips x %d samples into %s", len(clips), num_samples, out_dir)
   return summary

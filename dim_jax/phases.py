@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
 
+from dim_jax import files
 from dim_jax.training import checkpointing, dim_tasks, trainer, vq
 
 PHASES = ("vq", "pretrain", "finetune_listener", "finetune_speaker", "generate", "evaluate")
@@ -33,7 +33,8 @@ def run_dim(config, workdir: str) -> dict:
   report = dict(phase=config.phase, step=result["step"], best_step=result["best_step"],
                 val=result["val"], preempted=result["preempted"])
   if jax.process_index() == 0 and not result["preempted"]:
-    write_json_atomic(os.path.join(workdir, "report.json"), report)
+    files.write_json_atomic(os.path.join(workdir, "report.json"),
+                              dict(report, versions=files.library_versions()))
   return report
 
 
@@ -66,12 +67,6 @@ def run_vq(config, workdir: str) -> dict:
                 codebook_size=int(config.model.codebook_size),
                 val=result["val"], best_val=best_val)
   if jax.process_index() == 0:
-    write_json_atomic(os.path.join(workdir, "report.json"), report)
+    files.write_json_atomic(os.path.join(workdir, "report.json"),
+                              dict(report, versions=files.library_versions()))
   return report
-
-
-def write_json_atomic(path: str, payload: dict) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)

@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from dim_jax import config_lib, generate, phases
+from dim_jax import config_lib, files, phases
 from dim_jax.data import records, synthetic
 from dim_jax.evaluation import evaluate
 from dim_jax.evaluation import metrics as metrics_lib
@@ -36,7 +36,7 @@ def write_predictions(directory, clips, make):
   for k in range(NUM_SAMPLES):
     os.makedirs(os.path.join(directory, f"sample_{k}"), exist_ok=True)
     for clip in clips:
-      np.save(os.path.join(directory, f"sample_{k}", generate.clip_filename(clip["clip_id"])),
+      np.save(os.path.join(directory, f"sample_{k}", files.clip_filename(clip["clip_id"])),
               make(k, clip))
   return directory
 
@@ -175,14 +175,14 @@ def test_bad_prediction_files_name_the_clip(data_dir, test_clips, tmp_path, case
     return motion
 
   predictions = write_predictions(str(tmp_path / "p"), test_clips, make)
-  path = os.path.join(predictions, "sample_1", generate.clip_filename(bad["clip_id"]))
+  path = os.path.join(predictions, "sample_1", files.clip_filename(bad["clip_id"]))
   if case == "missing":
     os.remove(path)
   elif case == "pickle":
     np.save(path, np.array([{"not": "an array"}], dtype=object), allow_pickle=True)
   with pytest.raises((metrics_lib.MetricInputError, FileNotFoundError), match=message) as info:
     phases.run(eval_config(data_dir, predictions, baselines=()), str(tmp_path / "eval"))
-  assert bad["clip_id"] in str(info.value) or generate.clip_filename(bad["clip_id"]) in str(
+  assert bad["clip_id"] in str(info.value) or files.clip_filename(bad["clip_id"]) in str(
       info.value)
   assert not os.path.exists(tmp_path / "eval" / "report.md")  # nothing half-written
 

@@ -47,6 +47,8 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import tensorflow as tf
 
+from dim_jax import files
+
 SCHEMA_VERSION = 1
 POSE_DIM = 6
 EXPRESSION_DIM = 50
@@ -195,22 +197,6 @@ def _fsync(path: str) -> None:
     os.fsync(handle.fileno())
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-  directory = os.path.dirname(path) or "."
-  descriptor, temp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
-                                      suffix=".tmp")
-  try:
-    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-      handle.write(text)
-      handle.flush()
-      os.fsync(handle.fileno())
-    os.replace(temp, path)
-  except BaseException:
-    if os.path.exists(temp):
-      os.remove(temp)
-    raise
-
-
 def write_split(data_dir: str, split: str, clips: Iterable[Mapping[str, Any]],
                 num_shards: int = 1) -> dict[str, Any]:
   """Validates and writes one split, then records it in ``dataset_info.json``.
@@ -299,7 +285,7 @@ def write_split(data_dir: str, split: str, clips: Iterable[Mapping[str, Any]],
   info["splits"][split] = entry
   all_fps = {fps for split_info in info["splits"].values() for fps in split_info["fps"]}
   info["fps"] = all_fps.pop() if len(all_fps) == 1 else None
-  _atomic_write_text(info_path, json.dumps(info, indent=2, sort_keys=True) + "\n")
+  files.write_text_atomic(info_path, json.dumps(info, indent=2, sort_keys=True) + "\n")
   return entry
 
 

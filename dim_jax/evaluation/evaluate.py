@@ -31,7 +31,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from dim_jax import generation
+from dim_jax import files, generation
 from dim_jax.data import pipeline, records
 from dim_jax.evaluation import baselines as baselines_lib
 from dim_jax.evaluation import metrics as metrics_lib
@@ -76,7 +76,6 @@ def _model_samples(config, data_dir: str, role: str, clips: list[dict], num_samp
 
 def load_predictions(directory: str, clips: list[dict], num_frames: int) -> np.ndarray:
   """Reads `sample_<k>/<clip>.npy` files (generate-phase layout): [S, N, T_max, 56]."""
-  from dim_jax import generate  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"evaluate.predictions={directory!r} is not a directory")
   sample_dirs = sorted((d for d in os.listdir(directory)
@@ -87,7 +86,7 @@ def load_predictions(directory: str, clips: list[dict], num_frames: int) -> np.n
   out = np.zeros((len(sample_dirs), len(clips), num_frames, records.MOTION_DIM), np.float32)
   for k, sample_dir in enumerate(sample_dirs):
     for i, clip in enumerate(clips):
-      path = os.path.join(directory, sample_dir, generate.clip_filename(clip["clip_id"]))
+      path = os.path.join(directory, sample_dir, files.clip_filename(clip["clip_id"]))
       if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no prediction for clip {clip['clip_id']!r}")
       try:
@@ -243,10 +242,9 @@ def _plots(workdir: str, results: dict, clips: list[dict], truth: np.ndarray,
   plot_dir = os.path.join(workdir, "plots")
   os.makedirs(plot_dir, exist_ok=True)
   paths = []
-  from dim_jax import generate  # pylint: disable=g-import-not-at-top
   for i in range(min(num_clips, len(clips))):
     n = int(lengths[i])
-    name = "trajectories_" + generate.clip_filename(clips[i]["clip_id"])[:-4] + ".png"
+    name = "trajectories_" + files.clip_filename(clips[i]["clip_id"])[:-4] + ".png"
     report_lib.plot_trajectories(
         os.path.join(plot_dir, name), clip_id=clips[i]["clip_id"], truth=truth[i, :n],
         samples=samples[:, i, :n], speaker=partner[i, :n], fps=clips[i]["fps"],

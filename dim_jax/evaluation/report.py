@@ -21,12 +21,13 @@ import json
 import math
 import os
 import textwrap
-import uuid
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from dim_jax import files
 
 Results = Mapping[str, Any]
 
@@ -239,77 +240,28 @@ def format_report(results: Results) -> str:
   if settings:
     out += ["## Settings", ""]
     for key, value in settings.items():
-      text = value if isinstance(value, str) else json.dumps(value, default=_json_default)
+      text = value if isinstance(value, str) else json.dumps(value, default=files.json_default)
       out.append(f"- `{key}`: `{text}`")
     out.append("")
   return "\n".join(out)
 
 
-def _json_default(value: Any) -> Any:
-  # NumPy scalars and arrays reach us from the metric code; JSON has no type for them.
-  if hasattr(value, "tolist"):
-    return value.tolist()
-  raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
-
-
-def _temp_path(path: str) -> str:
-  directory, name = os.path.split(os.path.abspath(path))
-  return os.path.join(directory, f".{name}.{uuid.uuid4().hex}.tmp")
-
-
-def _write_temp(path: str, data: bytes) -> str:
-  """Writes ``data`` next to ``path`` under a temporary name (fsynced); returns that name."""
-  temp = _temp_path(path)
-  try:
-    with open(temp, "xb") as f:  # Created with the umask's mode, like a plain open().
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-  except BaseException:
-    _remove_quietly(temp)
-    raise
-  return temp
-
-
-def _remove_quietly(path: str) -> None:
-  try:
-    os.remove(path)
-  except FileNotFoundError:
-    pass
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-  """Replaces ``path`` with ``data`` atomically: readers see the old or the new file, never half."""
-  temp = _write_temp(path, data)
-  try:
-    os.replace(temp, path)
-  except BaseException:
-    _remove_quietly(temp)
-    raise
-
-
 def write_report(workdir: str, results: Results) -> dict[str, str]:
   """Writes ``report.md`` and ``report.json`` into ``workdir``; returns ``{"md": .., "json": ..}``.
 
-  Both files are rendered and written to temporary names before either is moved into place, so
-  a failure while rendering or writing leaves the previous pair untouched.
+  Both files are rendered and staged under temporary names before either is moved into
+  place, so a failure while rendering or writing leaves the previous pair untouched. The
+  JSON records the versions of the libraries the numbers depend on (``versions``).
   """
   os.makedirs(workdir, exist_ok=True)
   paths = {"md": os.path.join(workdir, "report.md"),
            "json": os.path.join(workdir, "report.json")}
-  contents = {
-      "json": (json.dumps(results, indent=2, default=_json_default) + "\n").encode("utf-8"),
-      "md": format_report(results).encode("utf-8"),
-  }
-  temps: dict[str, str] = {}
-  try:
-    for kind in ("json", "md"):
-      temps[kind] = _write_temp(paths[kind], contents[kind])
-    for kind in ("json", "md"):
-      os.replace(temps.pop(kind), paths[kind])
-  finally:
-    for temp in temps.values():
-      _remove_quietly(temp)
+  results = dict(results)
+  results.setdefault("versions", files.library_versions())
+  files.atomic_write_many({
+      paths["json"]: (json.dumps(results, indent=2, default=files.json_default) + "\n").encode(),
+      paths["md"]: format_report(results).encode("utf-8"),
+  })
   return paths
 
 
@@ -323,7 +275,7 @@ def _new_figure(figsize: tuple[float, float]) -> Figure:
 def _save_png(fig: Figure, path: str, dpi: float) -> None:
   buffer = io.BytesIO()
   fig.savefig(buffer, format="png", dpi=dpi)
-  atomic_write_bytes(path, buffer.getvalue())
+  files.atomic_write_bytes(path, buffer.getvalue())
 
 
 def trajectory_channels(expression_dims: Sequence[int]) -> list[tuple[str, int]]:
