@@ -7,7 +7,11 @@ Unknown keys raise (the ConfigDict is locked by `config_flags`).
 
 from __future__ import annotations
 
+import difflib
+
 import ml_collections
+
+from dim_jax import errors
 
 
 def parse_arg(arg: str | None, **defaults):
@@ -20,13 +24,64 @@ def parse_arg(arg: str | None, **defaults):
       continue
     key, _, value = item.partition("=")
     if key not in defaults:
-      raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
+      raise errors.ConfigError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
     kind = type(defaults[key])
     if kind is bool:
       parsed[key] = value.lower() in ("1", "true", "yes", "")
     else:
       parsed[key] = kind(value)
   return parsed
+
+
+TRAINING_PHASES = ("vq", "pretrain", "finetune_listener", "finetune_speaker")
+
+
+def validate(config) -> None:
+  """Refuses configs no run can use, before anything is written (`ConfigError`, one line)."""
+  def fail(message):
+    raise errors.ConfigError(f"config: {message}")
+  phase = config.get("phase")
+  if phase in TRAINING_PHASES:
+    train = config.train
+    for field in ("num_steps", "batch_size", "eval_batch_size", "eval_every_steps",
+                  "checkpoint_every_steps", "log_every_steps", "keep_checkpoints"):
+      value = train.get(field)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        fail(f"train.{field}={value!r}; expected an integer >= 1")
+    if train.learning_rate <= 0:
+      fail(f"train.learning_rate={train.learning_rate!r}; expected > 0")
+    if train.data_state not in ("iterator", "replay"):
+      fail(f"train.data_state={train.data_state!r}; expected 'iterator' or 'replay'")
+  if phase in DIM_PHASES:
+    ablation = config.get("ablation", "none")
+    if ablation not in ABLATIONS:
+      fail(f"ablation={ablation!r}; expected one of {ABLATIONS}")
+    if ablation == "no_pretrain" and (phase == "pretrain" or config.init.pretrain):
+      fail(f"ablation=no_pretrain is a fine-tune phase without DIM pretraining (got "
+           f"phase={phase!r}, init.pretrain={config.init.pretrain!r}); use "
+           "phase=finetune_listener or finetune_speaker with init.pretrain=''")
+  if "data" in config:
+    if int(config.data.max_len) < 2:
+      fail(f"data.max_len={config.data.max_len}; expected >= 2")
+    boundaries = list(config.data.bucket_boundaries)
+    if not boundaries or sorted(set(boundaries)) != boundaries or boundaries[0] < 1:
+      fail(f"data.bucket_boundaries={tuple(boundaries)}; expected increasing lengths >= 1")
+
+
+def unknown_field_message(config, dotted: str) -> str:
+  """'train.foo' is not a field: the message names the closest existing fields."""
+  parts = dotted.split(".")
+  node, prefix = config, []
+  for part in parts:
+    keys = sorted(node.keys()) if hasattr(node, "keys") else []
+    if part not in keys:
+      where = ".".join(prefix) or "the config"
+      close = difflib.get_close_matches(part, keys, n=3)
+      hint = f"; did you mean {', '.join('.'.join(prefix + [c]) for c in close)}?" if close else (
+          f"; fields of {where}: {', '.join(keys)}" if keys else "")
+      return f"config: unknown field {dotted!r} ({part!r} is not in {where}){hint}"
+    node, prefix = node[part], prefix + [part]
+  return f"config: cannot set {dotted!r}"
 
 
 def data_config() -> ml_collections.ConfigDict:
@@ -92,7 +147,10 @@ def train_config() -> ml_collections.ConfigDict:
   # state holds the shuffle buffer: tens of MB or more); 'replay' stores only the number of
   # batches consumed and replays the pipeline to there on resume (tiny checkpoints).
   train.data_state = "iterator"
-  train.simulate_preemption_at_step = -1  # tests only: SIGKILL self after this step's save.
+  # A resume whose newest checkpoint is corrupt (unreadable, or its arrays differ from the
+  # checksums saved with it) stops with an error; True moves it to checkpoints_corrupt/ and
+  # resumes from the newest step that reads and verifies.
+  train.checkpoint_fallback = False
   return train
 
 
@@ -218,9 +276,12 @@ def dim_loss_config(phase: str) -> ml_collections.ConfigDict:
 def dim_config(phase: str, ablation: str = "none") -> ml_collections.ConfigDict:
   """Config of a DIM phase at official sizes; `ablation` applies one Table 3 row."""
   if phase not in DIM_PHASES:
-    raise ValueError(f"phase={phase!r}; expected one of {DIM_PHASES}")
+    raise errors.ConfigError(f"phase={phase!r}; expected one of {DIM_PHASES}")
   if ablation not in ABLATIONS:
-    raise ValueError(f"ablation={ablation!r}; expected one of {ABLATIONS}")
+    raise errors.ConfigError(f"ablation={ablation!r}; expected one of {ABLATIONS}")
+  if ablation == "no_pretrain" and phase == "pretrain":
+    raise errors.ConfigError("ablation=no_pretrain is a fine-tune without DIM pretraining; "
+                             "use phase=finetune_listener or finetune_speaker")
   config = ml_collections.ConfigDict()
   config.phase = phase
   config.seed = 0
@@ -305,7 +366,7 @@ def inference_config_from_arg(config: ml_collections.ConfigDict,
   if args.size == "tiny":
     tiny_data(config.data)
   elif args.size != "official":
-    raise ValueError(f"size={args.size!r}; expected 'official' or 'tiny'")
+    raise errors.ConfigError(f"size={args.size!r}; expected 'official' or 'tiny'")
   return config
 
 

@@ -21,12 +21,18 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from dim_jax import errors
 
-class OutputError(OSError):
+
+class OutputError(errors.DimJaxError, OSError):
   """A result file could not be written (full disk, read-only or missing directory)."""
 
+  def __str__(self):
+    return str(self.strerror)
 
-def _explain(path: str, error: OSError) -> OutputError:
+
+def explain_os_error(path: str, error: OSError) -> OutputError:
+  """`error` as one line naming `path` and what to do."""
   hint = {errno.ENOSPC: "the disk is full: free space or choose another workdir",
           errno.EDQUOT: "the disk quota is exhausted: free space or choose another workdir",
           errno.EROFS: "the file system is read-only: choose a writable workdir",
@@ -57,7 +63,7 @@ def write_temp(path: str, data: bytes) -> str:
       os.fsync(f.fileno())
   except OSError as error:
     _remove_quietly(temp)
-    raise _explain(path, error) from None
+    raise explain_os_error(path, error) from None
   except BaseException:
     _remove_quietly(temp)
     raise
@@ -71,7 +77,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     os.replace(temp, path)
   except OSError as error:
     _remove_quietly(temp)
-    raise _explain(path, error) from None
+    raise explain_os_error(path, error) from None
   except BaseException:
     _remove_quietly(temp)
     raise
@@ -115,6 +121,21 @@ def save_npy_atomic(path: str, array: np.ndarray) -> None:
   buffer = io.BytesIO()
   np.save(buffer, array, allow_pickle=False)
   atomic_write_bytes(path, buffer.getvalue())
+
+
+def ensure_writable_dir(path: str, what: str = "workdir") -> str:
+  """Creates `path` if needed and proves it writable (a probe file), else `OutputError`."""
+  path = os.path.abspath(path)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise OutputError(errno.ENOTDIR, f"{what} {path} is a file, not a directory: choose "
+                      "another path or move the file away")
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as error:
+    raise explain_os_error(path, error) from None
+  probe = write_temp(os.path.join(path, ".write_probe"), b"")
+  _remove_quietly(probe)
+  return path
 
 
 # The libraries whose versions change a result: k-means (SID) moves between scikit-learn

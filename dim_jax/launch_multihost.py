@@ -1,8 +1,8 @@
 r"""Multi-process entry: `jax.distributed.initialize`, then the same `dim_jax.main`.
 
 With no flags, `jax.distributed.initialize()` discovers the cluster (TPU pods, SLURM).
-`--coordinator/--num_processes/--process_id` set it by hand (local simulation on CPU uses
-gloo collectives). Everything after is `dim_jax.main`'s flags.
+`--coordinator/--num_processes/--process_id` set it by hand (local simulation). CPU
+collectives use gloo either way. Everything after is `dim_jax.main`'s flags.
 """
 
 import os
@@ -22,10 +22,10 @@ from dim_jax import main as dim_main  # pylint: disable=g-import-not-at-top,wron
 
 
 def run(argv):
-  # Touching the backend before initialize() would pin a single-process runtime, so decide
-  # on CPU collectives from the flags only.
-  if FLAGS.coordinator:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # Every run of this entry is multi-process: CPU collectives go through gloo (recent jax's
+  # default; explicit for older ones), also when SLURM is auto-detected. Set before
+  # initialize(): touching the backend first would pin a single-process runtime.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if FLAGS.coordinator:
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)

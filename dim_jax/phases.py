@@ -6,30 +6,33 @@ import os
 
 import jax
 
-from dim_jax import files
-from dim_jax.training import checkpointing, dim_tasks, trainer, vq
+from dim_jax import config_lib, errors, files
+from dim_jax.training import dim_tasks, metric_writer, trainer, vq
 
 PHASES = ("vq", "pretrain", "finetune_listener", "finetune_speaker", "generate", "evaluate")
 
 
-def run(config, workdir: str) -> dict:
+def run(config, workdir: str, *, step_hooks=()) -> dict:
+  """Runs `config.phase` into `workdir`; the config is validated before anything is written."""
   if config.phase not in PHASES:
-    raise ValueError(f"config.phase={config.phase!r} is not implemented; available: {PHASES}")
+    raise errors.ConfigError(f"config.phase={config.phase!r} is not implemented; available: "
+                             f"{PHASES}")
+  config_lib.validate(config)
   if config.phase == "vq":
-    return run_vq(config, workdir)
+    return run_vq(config, workdir, step_hooks=step_hooks)
   if config.phase == "generate":
     from dim_jax import generate  # pylint: disable=g-import-not-at-top
     return generate.run_generate(config, workdir)
   if config.phase == "evaluate":
     from dim_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
     return evaluate.run_evaluate(config, workdir)
-  return run_dim(config, workdir)
+  return run_dim(config, workdir, step_hooks=step_hooks)
 
 
-def run_dim(config, workdir: str) -> dict:
+def run_dim(config, workdir: str, *, step_hooks=()) -> dict:
   """Trains a DIM phase; its checkpoints (best by validation loss) feed the next phase."""
   task = dim_tasks.DIMTask.from_config(config)
-  result = trainer.train_and_evaluate(config, workdir, task)
+  result = trainer.train_and_evaluate(config, workdir, task, step_hooks=step_hooks)
   report = dict(phase=config.phase, step=result["step"], best_step=result["best_step"],
                 val=result["val"], preempted=result["preempted"])
   if jax.process_index() == 0 and not result["preempted"]:
@@ -38,31 +41,19 @@ def run_dim(config, workdir: str) -> dict:
   return report
 
 
-def run_vq(config, workdir: str) -> dict:
+def run_vq(config, workdir: str, *, step_hooks=()) -> dict:
   """Trains a tokenizer, then reports its best checkpoint's metrics on the validation split."""
   task = vq.VQTask.from_config(config)
-  result = trainer.train_and_evaluate(config, workdir, task)
+  result = trainer.train_and_evaluate(config, workdir, task, step_hooks=step_hooks)
   if result["preempted"]:
     # SIGTERM: the checkpoint is saved; the same command resumes and finishes the phase.
     return dict(phase="vq", role=config.role, step=result["step"], preempted=True)
-  mesh = result["mesh"]
-  params = result["state"]["params"]
   best = result["best_step"]
-  if best is not None and best != result["step"]:
-    # Restore the best (by validation) params onto the training shardings.
-    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1 << 30)
-    abstract = jax.eval_shape(lambda s: s, result["state"])
-    shardings = jax.tree.map(lambda x: x.sharding, result["state"])
-    params = ckpt.restore_state(best, checkpointing.abstract_with_shardings(abstract, shardings))["params"]
-    ckpt.close()
-  data_dir = trainer.ensure_data(config)
-  local_batch = int(config.train.eval_batch_size) // jax.process_count()
-  # The best checkpoint's full validation metrics: the test split is read only by `evaluate`.
-  val_ds = trainer.make_split_dataset(config, data_dir, "val", train=False,
-                                      batch_size=local_batch)
-  best_val = trainer.evaluate(task, params, dataset=val_ds, mesh=mesh,
-                          compiled_eval=result["compiled_eval"],
-                          batch_size=local_batch, min_frames=min(config.data.bucket_boundaries))
+  # The best checkpoint's validation metrics, as the trainer logged them when it chose that
+  # step (the test split is read only by `evaluate`).
+  logged = {m["step"]: m for m in metric_writer.read_metrics(workdir) if "val/loss" in m}
+  best_val = ({k[len("val/"):]: v for k, v in logged[best].items() if k.startswith("val/")}
+              if best in logged else result["val"])
   report = dict(phase="vq", role=config.role, step=result["step"], best_step=best,
                 codebook_size=int(config.model.codebook_size),
                 val=result["val"], best_val=best_val)

@@ -1,6 +1,8 @@
 """Tests for dim_jax.evaluation.report: Table-1 layout, report files, plots."""
 
 import copy
+import errno
+import importlib.metadata
 import json
 import os
 
@@ -9,6 +11,7 @@ from matplotlib.container import BarContainer
 import numpy as np
 import pytest
 
+from dim_jax import files
 from dim_jax.evaluation import report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -141,10 +144,22 @@ def test_report_headline_first_links_and_settings():
   assert text.index(report.format_table(results, "per_sequence")) == text.index("| Method", head)
   assert text.index(report.format_table(results, "dim_compat")) == text.index("| Method", other)
   assert "(oracle, diagnostic)" in text and "oracle" in text[:head]
+  assert "lowest FD to the ground truth over all 56 dims" in text[:head]
   assert "validation split" in text[:head]
   assert "(plots/traj_clip0.png)" in text and "(plots/bars_dim_compat.png)" in text
   assert "- `checkpoint`: `ckpt/1000`" in text and "- `seeds`: `[0, 1, 2]`" in text
   assert text.index("## Plots") > other and text.index("## Settings") > other
+
+
+def test_report_states_the_frame_alignment():
+  results = _results()
+  assert "Frames:" not in report.format_report(results)  # Not recorded: nothing claimed.
+  for alignment, phrase in (("official", "listener frame t + 1 is scored against speaker "
+                                         "frame t and listener frame 0"),
+                            ("same_frame", "listener frame t is scored against speaker frame t")):
+    results["settings"]["alignment"] = alignment
+    text = report.format_report(results)
+    assert phrase in text[:text.index("## Headline")], alignment
 
 
 def test_report_without_plots_has_no_plot_section():
@@ -157,11 +172,29 @@ def test_write_report_round_trips(tmp_path):
   results = _results()
   paths = report.write_report(str(tmp_path), results)
   assert paths == {"md": str(tmp_path / "report.md"), "json": str(tmp_path / "report.json")}
+  assert "versions" not in results  # The caller's dict is not modified.
   with open(paths["json"]) as f:
-    assert json.load(f) == results
+    saved = json.load(f)
+  saved.pop("versions")  # Added by write_report (test_report_json_records_library_versions).
+  assert saved == results
   with open(paths["md"], encoding="utf-8") as f:
     assert f.read() == report.format_report(results)
   assert sorted(os.listdir(tmp_path)) == ["report.json", "report.md"]
+
+
+def test_report_json_records_library_versions(tmp_path):
+  # k-means (SID) moves between scikit-learn releases, sqrtm / eigh (FD) between SciPy /
+  # NumPy / BLAS builds: report.json must say which ones produced its numbers.
+  paths = report.write_report(str(tmp_path), _results())
+  with open(paths["json"]) as f:
+    versions = json.load(f)["versions"]
+  for name in ("scikit-learn", "scipy", "numpy"):
+    assert versions[name] == importlib.metadata.version(name), name
+  assert versions == files.library_versions()
+  # A caller's own record is kept, not overwritten.
+  results = dict(_results(), versions={"numpy": "from the run"})
+  with open(report.write_report(str(tmp_path), results)["json"]) as f:
+    assert json.load(f)["versions"] == {"numpy": "from the run"}
 
 
 def _read_all(directory):
@@ -182,11 +215,12 @@ def test_write_report_failure_keeps_previous_pair(tmp_path, monkeypatch):
   def failing_fsync(fd):
     calls.append(fd)
     if len(calls) == 2:
-      raise OSError("disk full")
+      raise OSError(errno.ENOSPC, "No space left on device")
     real_fsync(fd)
 
-  monkeypatch.setattr(report.os, "fsync", failing_fsync)
-  with pytest.raises(OSError, match="disk full"):
+  monkeypatch.setattr(os, "fsync", failing_fsync)
+  # files.write_temp turns it into one line naming the file and what to do.
+  with pytest.raises(files.OutputError, match=r"report\.md: the disk is full"):
     report.write_report(str(tmp_path), changed)
   assert len(calls) == 2
   assert _read_all(tmp_path) == before  # Same files, same bytes, no temp left.

@@ -44,7 +44,10 @@ def compilation_cache(tmp_path_factory):
   os.environ.pop("DIM_TEST_XLA_CACHE", None)
 
 
-def run_main(workdir, data_dir, *flags, devices=1):
+SIGNAL_HELPER = os.path.join(ROOT, "tests", "helpers", "signal_at_step.py")
+
+
+def run_main(workdir, data_dir, *flags, devices=1, entry=("-m", "dim_jax.main")):
   env = dict(os.environ)
   if "DIM_TEST_XLA_CACHE" in env:
     env["JAX_COMPILATION_CACHE_DIR"] = env["DIM_TEST_XLA_CACHE"]
@@ -52,7 +55,7 @@ def run_main(workdir, data_dir, *flags, devices=1):
     env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   env["CI"] = "1"
-  cmd = [sys.executable, "-m", "dim_jax.main", "--config", "configs/vq_tiny.py",
+  cmd = [sys.executable, *entry, "--config", "configs/vq_tiny.py",
          f"--workdir={workdir}", f"--config.data.dir={data_dir}",
          "--config.train.batch_size=8", "--config.train.eval_batch_size=8",
          "--config.data.bucket_boundaries=(128,)", *flags]
@@ -109,7 +112,8 @@ def test_killed_run_resumes_exactly(data_dir, tmp_path):
   for data_state in ("iterator", "replay"):
     workdir = tmp_path / data_state
     flags = [*common, f"--config.train.data_state={data_state}"]
-    killed = run_main(workdir, data_dir, *flags, "--config.train.simulate_preemption_at_step=4")
+    killed = run_main(workdir, data_dir, *flags, "--signal_step=4", "--signal=KILL",
+                      entry=(SIGNAL_HELPER,))
     assert killed.returncode != 0  # SIGKILL'd right after the step-4 checkpoint.
     assert 5 not in losses(workdir)
     has_iterator = (workdir / "checkpoints" / "4" / "data_iter").exists()

@@ -47,7 +47,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import tensorflow as tf
 
-from dim_jax import files
+from dim_jax import errors, files
 
 SCHEMA_VERSION = 1
 POSE_DIM = 6
@@ -74,7 +74,7 @@ _MARK = "@@"
 _MESSAGE = re.compile(re.escape(_MARK) + r" (.*?) " + re.escape(_MARK), re.DOTALL)
 
 
-class RecordError(ValueError):
+class RecordError(errors.DimJaxError, ValueError):
   """Bad data on disk or handed to the writer; the message says where and what."""
 
 

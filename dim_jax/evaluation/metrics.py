@@ -19,6 +19,29 @@ Two protocols:
 SID needs k-means clusters of the ground truth (`fit_clusters`): fit them once per test set and
 reuse them for every method and seed; they are checked to belong to the evaluated truth.
 
+Two frame alignments (``alignment=`` of `listener_metrics`, `listener_metrics_by_protocol`,
+`reference_metrics` and `fit_clusters`; the evaluate phase's ``evaluate.official_alignment``):
+
+* ``"same_frame"`` (default): listener frame ``t`` is scored against speaker frame ``t``; every
+  valid frame counts.
+* ``"official"``: the official evaluation (``code/x_engine_pt.py``: `evaluate_test_epoch`
+  lines 250-254, `evaluate_finetune_epoch` lines 218-223) keeps ``y_true = tgt[:, 1:][:L-1]``
+  (listener frames 1..L-1), the prediction for those frames (generation returns only the
+  tokens after the ground-truth seed, ``code/seq2seq_pretrain.py`` line 450) and
+  ``x = src[:, :L-1]`` (speaker frames 0..L-2), then feeds the three lists to `print_metrics`
+  (``code/test_s2s_pretrain.py`` lines 73-74). So listener frame ``t + 1`` is paired with
+  speaker frame ``t`` (this changes P-FD and rPCC) and listener frame 0 (the ground-truth
+  first token generation is seeded with) is dropped from every metric: FD, MSE, SID (k-means
+  is fitted on the shifted truth too), Var and STS. Our predictions are in the
+  listener's own frames (``[T, 56]``, frame ``t`` = listener frame ``t``), so the truth and the
+  prediction both drop frame 0 and the speaker drops its last frame; clips then need 3 frames.
+  The alignment applies to every protocol of a call, so the two protocols still differ only
+  by pooling.
+
+LVE and FDD (vertex metrics of the speaker task, official `print_biwi_metrics`) are tested
+functions, but no phase calls them: the speaker task with vertex inputs is not wired into the
+evaluate phase (dim_jax ships no mesh decoder; DIM-Speaker is scored on the 56 motion values).
+
 Everything is computed in float64 except k-means, which clusters in the input's float dtype as
 the official code does (the official code also keeps float32 for some reductions when fed float32
 arrays, so on float32 inputs the two agree only up to float32 rounding). Every returned value is
@@ -44,6 +67,9 @@ PARTS = {"expression": EXPRESSION, "pose": POSE}
 # Official k-means sizes of `calcuate_sid`.
 DEFAULT_K = {"expression": 40, "pose": 20}
 PROTOCOLS = ("dim_compat", "per_sequence")
+# Frame alignments (module docstring): listener frames dropped at the start, speaker frames
+# dropped at the end. "official" = x_engine_pt.evaluate_test_epoch: tgt[:, 1:] vs src[:, :-1].
+ALIGNMENTS = {"same_frame": 0, "official": 1}
 # Official constants: entropy smoothing of `calcuate_sid` and frame step of `sts`.
 SID_EPS = 1e-6
 STS_TIMESTEP = 0.1
@@ -173,6 +199,56 @@ def check_inputs(truth: Any, prediction: Any, lengths: Any, *, speaker: Any = No
 def _check_protocol(protocol: str) -> None:
   if protocol not in PROTOCOLS:
     raise ValueError(f"unknown protocol {protocol!r}; valid protocols: {', '.join(PROTOCOLS)}")
+
+
+def _alignment_shift(alignment: str) -> int:
+  if alignment not in ALIGNMENTS:
+    raise ValueError(f"unknown alignment {alignment!r}; valid alignments: "
+                     f"{', '.join(ALIGNMENTS)}")
+  return ALIGNMENTS[alignment]
+
+
+def _check_aligned_lengths(lengths: Any, alignment: str, min_frames: int,
+                           clip_ids: Sequence[Any] | None) -> None:
+  """Refuses clips that keep fewer than ``min_frames`` frames once the alignment drops some."""
+  shift = _alignment_shift(alignment)
+  if not shift:
+    return
+  lengths = np.asarray(lengths)
+  short = np.flatnonzero(lengths < min_frames + shift)
+  if short.size:
+    raise MetricInputError(
+        f"clips {_clip_names(short, clip_ids)} have fewer than {min_frames + shift} valid frames "
+        f"(lengths {lengths[short[:_MAX_NAMED]].tolist()}); the {alignment!r} alignment drops "
+        f"listener frame 0, and this metric needs at least {min_frames} frames after that")
+
+
+def align_frames(alignment: str, lengths: Any, listener: Sequence[Any],
+                 speaker: Any = None) -> tuple[np.ndarray, list[np.ndarray], np.ndarray | None]:
+  """The frames a metric scores under ``alignment`` (module docstring).
+
+  Args:
+    alignment: ``"same_frame"`` (inputs returned as they are) or ``"official"``.
+    lengths: ``[N]`` valid frames per clip.
+    listener: padded ``[N, T, ...]`` arrays in the listener's frames (truth, predictions).
+    speaker: optional padded ``[N, T, ...]`` speaker array.
+
+  Returns:
+    ``(lengths, listener arrays, speaker)``; for ``"official"``: ``lengths - 1``, every
+    listener array without frame 0 (``x[:, 1:]``) and the speaker without its last frame
+    (``speaker[:, :-1]``: valid frames 0..L-2, padding beyond), so that frame ``t`` of the
+    result pairs listener frame ``t + 1`` with speaker frame ``t``.
+  """
+  shift = _alignment_shift(alignment)
+  lengths = np.asarray(lengths)
+  listener = [np.asarray(x) for x in listener]
+  if not shift:
+    return lengths, listener, None if speaker is None else np.asarray(speaker)
+  if np.any(lengths <= shift):
+    raise MetricInputError(f"the {alignment!r} alignment needs clips of at least "
+                           f"{shift + 1} frames, got lengths {lengths.tolist()[:_MAX_NAMED]}")
+  return (lengths - shift, [x[:, shift:] for x in listener],
+          None if speaker is None else np.asarray(speaker)[:, :-shift])
 
 
 def _part_slice(part: str | slice) -> slice:
@@ -482,8 +558,16 @@ class FrameClusters:
 
 
 def fit_clusters(truth: Any, lengths: Any, *, seed: int = 0,
-                 clip_ids: Sequence[Any] | None = None) -> dict[str, FrameClusters]:
-  """`FrameClusters` of both parts with the official k (the ``clusters`` of `listener_metrics`)."""
+                 clip_ids: Sequence[Any] | None = None,
+                 alignment: str = "same_frame") -> dict[str, FrameClusters]:
+  """`FrameClusters` of both parts with the official k (the ``clusters`` of `listener_metrics`).
+
+  Fitted on the truth frames that ``alignment`` scores (the official alignment fits k-means on
+  listener frames 1..L-1, as the official `calcuate_sid` sees them); pass the same alignment to
+  the metrics.
+  """
+  _check_aligned_lengths(lengths, alignment, 1, clip_ids)
+  lengths, (truth,), _ = align_frames(alignment, lengths, [truth])
   return {name: FrameClusters.fit(truth, lengths, name, seed=seed, clip_ids=clip_ids)
           for name in PARTS}
 
@@ -521,8 +605,8 @@ def _checked_clusters(clusters: Mapping[str, FrameClusters], name: str, truth: n
     raise MetricInputError(f"clusters[{name!r}] were fitted on part {c.part!r}")
   if not c.matches(truth, lengths):
     raise MetricInputError(f"clusters[{name!r}] were not fitted on this ground truth (SID "
-                           "clusters must come from the evaluated truth: fit_clusters(truth, "
-                           "lengths))")
+                           "clusters must come from the evaluated truth, with the same "
+                           "alignment: fit_clusters(truth, lengths, alignment=...))")
   return c
 
 
@@ -574,7 +658,8 @@ def _sid(c: FrameClusters, x: np.ndarray, lengths: np.ndarray, protocol: str) ->
 
 def listener_metrics(truth: Any, prediction: Any, speaker: Any, lengths: Any, *, protocol: str,
                      clusters: Mapping[str, FrameClusters], sts_timestep: float = STS_TIMESTEP,
-                     clip_ids: Sequence[Any] | None = None) -> dict[str, float]:
+                     clip_ids: Sequence[Any] | None = None,
+                     alignment: str = "same_frame") -> dict[str, float]:
   """DIM listener metrics of a prediction, all finite floats.
 
   Args:
@@ -586,6 +671,8 @@ def listener_metrics(truth: Any, prediction: Any, speaker: Any, lengths: Any, *,
     clusters: `fit_clusters(truth, lengths)`; must have been fitted on this truth.
     sts_timestep: the ``timestep`` of the official `sts`.
     clip_ids: optional clip names for error messages.
+    alignment: ``"same_frame"`` or ``"official"`` (listener frame t + 1 against speaker frame
+      t, listener frame 0 dropped; module docstring). ``clusters`` must be fitted with it.
 
   Returns:
     ``fd_*, pfd_*, mse_*, sid_*, var_*, rpcc_*, sts_*`` for ``* in (expression, pose)``. A
@@ -593,25 +680,28 @@ def listener_metrics(truth: Any, prediction: Any, speaker: Any, lengths: Any, *,
   """
   return listener_metrics_by_protocol(
       truth, prediction, speaker, lengths, protocols=(protocol,), clusters=clusters,
-      sts_timestep=sts_timestep, clip_ids=clip_ids)[protocol]
+      sts_timestep=sts_timestep, clip_ids=clip_ids, alignment=alignment)[protocol]
 
 
 def listener_metrics_by_protocol(truth: Any, prediction: Any, speaker: Any, lengths: Any, *,
                                  protocols: Sequence[str], clusters: Mapping[str, FrameClusters],
                                  sts_timestep: float = STS_TIMESTEP,
-                                 clip_ids: Sequence[Any] | None = None
+                                 clip_ids: Sequence[Any] | None = None,
+                                 alignment: str = "same_frame"
                                  ) -> dict[str, dict[str, float]]:
   """`listener_metrics` under several protocols: ``{protocol: metrics}``.
 
   FD, P-FD and MSE are per sequence in both protocols and the cluster labels do not depend
-  on the protocol either: they are computed once.
+  on the protocol either: they are computed once. ``alignment`` applies to every protocol.
   """
   for protocol in protocols:
     _check_protocol(protocol)
+  _alignment_shift(alignment)
   check_inputs(truth, prediction, lengths, speaker=speaker, clip_ids=clip_ids, min_frames=2,
                width=MOTION_DIM)
-  truth, prediction, speaker = np.asarray(truth), np.asarray(prediction), np.asarray(speaker)
-  lengths = np.asarray(lengths, np.int64)
+  _check_aligned_lengths(lengths, alignment, 2, clip_ids)
+  lengths, (truth, prediction), speaker = align_frames(
+      alignment, np.asarray(lengths, np.int64), [truth, prediction], speaker)
   per_part = {protocol: {} for protocol in protocols}
   for name, part in PARTS.items():
     c = _checked_clusters(clusters, name, truth, lengths)
@@ -631,12 +721,17 @@ def listener_metrics_by_protocol(truth: Any, prediction: Any, speaker: Any, leng
 
 def reference_metrics(truth: Any, lengths: Any, *, protocol: str,
                       clusters: Mapping[str, FrameClusters],
-                      clip_ids: Sequence[Any] | None = None) -> dict[str, float]:
-  """SID and Var of the ground truth itself (the paper's GT row): ``sid_*, var_*``."""
+                      clip_ids: Sequence[Any] | None = None,
+                      alignment: str = "same_frame") -> dict[str, float]:
+  """SID and Var of the ground truth itself (the paper's GT row): ``sid_*, var_*``.
+
+  On the truth frames ``alignment`` scores (official: listener frames 1..L-1).
+  """
   _check_protocol(protocol)
+  _alignment_shift(alignment)
   check_inputs(truth, truth, lengths, clip_ids=clip_ids, min_frames=1, width=MOTION_DIM)
-  truth = np.asarray(truth)
-  lengths = np.asarray(lengths, np.int64)
+  _check_aligned_lengths(lengths, alignment, 1, clip_ids)
+  lengths, (truth,), _ = align_frames(alignment, np.asarray(lengths, np.int64), [truth])
   metrics = {}
   for name in PARTS:
     c = _checked_clusters(clusters, name, truth, lengths)
@@ -656,6 +751,8 @@ def reference_metrics(truth: Any, lengths: Any, *, protocol: str,
 # --------------------------------------------------------------------------------------
 # Vertex metrics (BiWi-style talking-head evaluation, official `print_biwi_metrics`).
 # --------------------------------------------------------------------------------------
+# Tested, but no phase calls them: the speaker task with vertex inputs is not wired (no mesh
+# decoder ships with dim_jax; the evaluate phase scores the 56 motion values).
 
 
 def _vertex_inputs(truth: Any, prediction: Any, lengths: Any, indices: Any,

@@ -64,6 +64,17 @@ _PROTOCOL_DESCRIPTIONS = {
         "tables are not comparable column by column."),
 }
 
+# `settings.alignment` of the evaluate phase: which frames every metric scores.
+_ALIGNMENT_DESCRIPTIONS = {
+    "same_frame": (
+        "Frames: listener frame t is scored against speaker frame t; every valid frame counts."),
+    "official": (
+        "Frames: the official alignment (`x_engine_pt.evaluate_test_epoch`): listener frame t + 1 "
+        "is scored against speaker frame t and listener frame 0 (the ground-truth first token "
+        "generation starts from) is dropped from every metric, so P-FD and rPCC are comparable "
+        "with the paper."),
+}
+
 POSE_CHANNELS = (("head pitch", 0), ("head yaw", 1), ("head roll", 2))
 EXPRESSION_OFFSET = 6  # Expression coefficient k lives in motion column 6 + k.
 NUM_EXPRESSION = 50
@@ -211,9 +222,13 @@ def format_report(results: Results) -> str:
       "validation split; the test split is touched only by this evaluation.")
   if has_diagnostic:
     intro += (
-        " The best-of-N row picks, per clip, the sample closest to the ground truth: it is an "
-        "oracle that has seen the answer, shown as a diagnostic only and not comparable with the "
-        "other rows (it is what the official evaluation code reports).")
+        " The best-of-N row picks, per clip, the sample with the lowest FD to the ground truth "
+        "over all 56 dims: it is an oracle that has seen the answer, shown as a diagnostic only "
+        "and not comparable with the other rows (it is what the official evaluation code "
+        "reports).")
+  alignment = (results.get("settings") or {}).get("alignment")
+  if alignment in _ALIGNMENT_DESCRIPTIONS:
+    intro += " " + _ALIGNMENT_DESCRIPTIONS[alignment]
 
   out = ["# DIM-Listener evaluation report", "", intro, ""]
   for i, protocol in enumerate(protocols):

@@ -206,8 +206,10 @@ class DIMTask:
           raise checkpointing.CheckpointMismatchError(
               f"init.{role}_vq={workdir} holds a {meta.get('phase')!r} checkpoint, not a VQ-VAE")
         if meta.get("role") != role:
-          logging.warning("init.%s_vq=%s was trained on the %s role", role, workdir,
-                          meta.get("role"))
+          # Swapped workdirs would train on the wrong tokenizer without any other symptom.
+          raise checkpointing.CheckpointMismatchError(
+              f"init.{role}_vq={workdir} holds the {meta.get('role')!r} tokenizer, not the "
+              f"{role!r} one (are init.speaker_vq and init.listener_vq swapped?)")
       speaker_vq_cfg, listener_vq_cfg = speaker_meta["model"], listener_meta["model"]
       sources = (("speaker_vq", init.speaker_vq), ("listener_vq", init.listener_vq))
     else:

@@ -15,21 +15,23 @@ import logging
 import math
 import os
 import signal
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dim_jax import errors, files
 from dim_jax import sharding as sharding_lib
 from dim_jax.data import pipeline, records
 from dim_jax.training import checkpointing, metric_writer
 
 PyTree = Any
+StepHook = Callable[[int, checkpointing.Checkpointer], None]
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(errors.DimJaxError, FloatingPointError):
   pass
 
 
@@ -183,11 +185,22 @@ def dummy_batch(batch_size: int, frames: int = 8) -> dict[str, np.ndarray]:
 
 
 class _Preemption:
-  """SIGTERM sets a flag; the loop saves a checkpoint and exits cleanly."""
+  """SIGTERM sets a flag; the loop saves a checkpoint and exits cleanly.
+
+  With several processes the flag is agreed on every step (max over processes, one tiny
+  all-gather), so hosts signalled at different steps all save the same step and stop
+  together instead of one entering the collective save while another trains on.
+  """
 
   def __init__(self):
-    self.requested = False
+    self.signalled = False
     self._previous = None
+
+  def agreed(self) -> bool:
+    if jax.process_count() == 1:
+      return self.signalled
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return bool(np.max(multihost_utils.process_allgather(np.int32(self.signalled))))
 
   def __enter__(self):
     try:
@@ -198,7 +211,7 @@ class _Preemption:
 
   def _handle(self, signum, frame):
     del signum, frame
-    self.requested = True
+    self.signalled = True
 
   def __exit__(self, *exc):
     if self._previous is not None:
@@ -207,9 +220,13 @@ class _Preemption:
 
 # --- the loop ---------------------------------------------------------------------------
 
-def train_and_evaluate(config, workdir: str, task) -> dict:
-  """Trains `task` per `config`, checkpointing into `workdir`; returns final metrics."""
-  os.makedirs(workdir, exist_ok=True)
+def train_and_evaluate(config, workdir: str, task, *, step_hooks: Sequence[StepHook] = ()) -> dict:
+  """Trains `task` per `config`, checkpointing into `workdir`; returns final metrics.
+
+  `step_hooks` are called as `hook(step, checkpointer)` after each step's checkpoint logic
+  (tests use one to kill or signal the process at a chosen step).
+  """
+  files.ensure_writable_dir(workdir)
   mesh = sharding_lib.make_mesh(config.mesh)
   tc = config.train
   local_batch = sharding_lib.check_batch_size(int(tc.batch_size), mesh, jax.process_count(),
@@ -244,19 +261,30 @@ def train_and_evaluate(config, workdir: str, task) -> dict:
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     keep=int(tc.keep_checkpoints))
   meta = dict(task.model_meta(), config=json.loads(config.to_json_best_effort()))
-  latest = ckpt.latest_step()
   train_iter = iter(train_ds)
+  latest, state = None, None
+  abstract_sharded = checkpointing.abstract_with_shardings(abstract_state, state_shardings)
+  for step in reversed(ckpt.all_steps()):
+    # The newest step that reads and verifies; an older one only if the user asked for it.
+    try:
+      saved_meta = ckpt.read_meta(step)
+      differences = checkpointing.config_differences(
+          {k: meta[k] for k in meta if k != "config"},
+          {k: saved_meta.get(k) for k in meta if k != "config"})
+      if differences:
+        raise checkpointing.CheckpointMismatchError(
+            f"{workdir} holds a checkpoint (step {step}) of a different model; use another "
+            "workdir or the same config. Differences:\n  " + "\n  ".join(differences))
+      state = ckpt.restore_state(step, abstract_sharded)
+      latest = step
+      break
+    except checkpointing.CheckpointCorruptError as error:
+      if not tc.checkpoint_fallback:
+        raise
+      logging.warning("%s; train.checkpoint_fallback: moved aside, trying the previous step",
+                      error)
+      ckpt.quarantine(step)
   if latest is not None:
-    saved_meta = ckpt.read_meta(latest)
-    differences = checkpointing.config_differences(
-        {k: meta[k] for k in meta if k != "config"},
-        {k: saved_meta.get(k) for k in meta if k != "config"})
-    if differences:
-      raise checkpointing.CheckpointMismatchError(
-          f"{workdir} holds a checkpoint (step {latest}) of a different model; use another "
-          "workdir or the same config. Differences:\n  " + "\n  ".join(differences))
-    state = ckpt.restore_state(
-        latest, checkpointing.abstract_with_shardings(abstract_state, state_shardings))
     restored_iterator = tc.data_state == "iterator" and ckpt.restore_iterator(latest, train_iter)
     if not restored_iterator:
       if tc.data_state == "iterator":
@@ -293,6 +321,7 @@ def train_and_evaluate(config, workdir: str, task) -> dict:
       f.write(config.to_json_best_effort(indent=2))
 
   start = int(jax.device_get(state["step"]))
+  preempted = False
   num_steps = int(tc.num_steps)
   train_batches = pipeline.as_numpy(train_iter)
   pending = []
@@ -322,23 +351,22 @@ def train_and_evaluate(config, workdir: str, task) -> dict:
         val_metrics = run_validation(state["params"])
         writer.write(step, {f"val/{k}": v for k, v in val_metrics.items()})
         val_loss = val_metrics["loss"]
+      preempted = preemption.agreed()
       if (step % int(tc.checkpoint_every_steps) == 0 or step == num_steps
-          or preemption.requested or val_loss is not None):
+          or preempted or val_loss is not None):
         ckpt.save(step, state, iterator=train_iter if tc.data_state == "iterator" else None,
                   val_loss=val_loss,
                   meta=dict(meta, batches_consumed=step))
-      if step == int(tc.simulate_preemption_at_step):
-        # Test hook: die like a killed job right after this step's checkpoint is committed.
-        ckpt.wait()
-        os.kill(os.getpid(), signal.SIGKILL)
-      if preemption.requested:
+      for hook in step_hooks:
+        hook(step, ckpt)
+      if preempted:
         logging.warning("SIGTERM: checkpoint saved at step %d, exiting", step)
         break
-  if val_metrics is None and not preemption.requested:
+  if val_metrics is None and not preempted:
     # A finished run reopened (nothing left to train): report its validation metrics anyway.
     val_metrics = run_validation(state["params"])
   ckpt.close()
   writer.close()
   return dict(val=val_metrics, step=int(jax.device_get(state["step"])),
               best_step=ckpt.best_step(), state=state, mesh=mesh, compiled_eval=compiled_eval,
-              preempted=preemption.requested)
+              preempted=preempted)
