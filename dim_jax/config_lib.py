@@ -60,6 +60,12 @@ def validate(config) -> None:
       fail(f"ablation=no_pretrain is a fine-tune phase without DIM pretraining (got "
            f"phase={phase!r}, init.pretrain={config.init.pretrain!r}); use "
            "phase=finetune_listener or finetune_speaker with init.pretrain=''")
+    if int(config.model.get("num_identities", 0)) not in (0, 1):
+      # Records carry speaker ids, but no id -> row table reaches the model: every clip would
+      # read row 0, so more rows would only pretend to model identities.
+      fail(f"model.num_identities={config.model.num_identities}; expected 0 (zero listener "
+           "context, official) or 1 (one learned listener-context row): speaker ids are not "
+           "wired to the model")
   if "data" in config:
     if int(config.data.max_len) < 2:
       fail(f"data.max_len={config.data.max_len}; expected >= 2")
@@ -147,6 +153,10 @@ def train_config() -> ml_collections.ConfigDict:
   # state holds the shuffle buffer: tens of MB or more); 'replay' stores only the number of
   # batches consumed and replays the pipeline to there on resume (tiny checkpoints).
   train.data_state = "iterator"
+  # Parameters that never train (regexes over '/'-joined names, matched in full against a
+  # leaf or a module above it, e.g. 'dim/listener_encoder'): no optimizer state, bit-identical.
+  # DIM phases default to the official sets (FROZEN_PARAMS below).
+  train.frozen_params = ()
   # A resume whose newest checkpoint is corrupt (unreadable, or its arrays differ from the
   # checksums saved with it) stops with an error; True moves it to checkpoints_corrupt/ and
   # resumes from the newest step that reads and verifies.
@@ -229,6 +239,20 @@ ABLATIONS = ("none", "no_vq", "no_pretrain", "frozen_vq_decoder", "trainable_vq_
              "no_contrastive", "single_stream")
 
 
+# What each DIM phase freezes by default: the model parts its official class gives no
+# gradient (they would only drift under weight decay). The tokenizers' encoders and
+# codebooks are always frozen, their decoders per `loss.vq_decoder_trainable`.
+FROZEN_PARAMS = {
+    "pretrain": (),
+    # SLMFT trains the speaker branch, the joint encoder and the decoder.
+    "finetune_listener": ("dim/listener_(encoder|norm|role_embedding|context_embedding)",
+                          "dim/joint_norm", "dim/identity_embedding"),
+    # SpeakerSLMFT trains the joint decoder, the listener context and the audio projection.
+    "finetune_speaker": ("dim/(speaker|listener)_(encoder|norm|role_embedding)",
+                         "dim/joint_(encoder|norm)", "dim/speaker_context_embedding"),
+}
+
+
 def dim_model_config(phase: str) -> ml_collections.ConfigDict:
   """Official DIM sizes (seq2seq_pretrain.py SLM / SLMFT / SpeakerSLMFT)."""
   model = ml_collections.ConfigDict()
@@ -248,7 +272,7 @@ def dim_model_config(phase: str) -> ml_collections.ConfigDict:
   model.start = "ground_truth"     # official first input; 'start_token' needs no ground truth.
   model.output = "tokens"          # 'continuous' = Table 3 "no VQ" regression head.
   model.two_branch = True          # False = Table 3 "no speaker-listener two-branch".
-  model.num_identities = 0         # DIM-Speaker: 0 = zero listener context (official), 1 = learned.
+  model.num_identities = 0         # DIM-Speaker listener context: 0 = zeros (official), 1 = one learned row (ids are not wired, so no more rows).
   model.audio_projection = 0       # 0 = raw audio in the decoder context (official); n = Linear to n.
   model.compute_dtype = "float32"  # or 'bfloat16' (matmul inputs; f32 params and accumulation).
   return model
@@ -293,6 +317,7 @@ def dim_config(phase: str, ablation: str = "none") -> ml_collections.ConfigDict:
   config.train.eval_batch_size = 8
   config.train.learning_rate = 1e-5 if phase != "pretrain" else 1e-4
   config.train.grad_clip_norm = 1.0  # official clip_grad_norm_(1.0) in the DIM loops.
+  config.train.frozen_params = FROZEN_PARAMS[phase]
   config.mesh = mesh_config()
   config.init = ml_collections.ConfigDict()
   # Workdirs of earlier phases (their best checkpoint by validation loss is used).
@@ -402,6 +427,9 @@ def evaluate_config() -> ml_collections.ConfigDict:
   ev.baselines = ("random", "mirror", "nn_motion", "nn_audio")
   ev.protocols = ("dim_compat", "per_sequence")  # the first is the headline table.
   ev.plot_clips = 3                # test clips drawn as trajectory plots.
+  # Score as the official code: listener frame t+1 vs speaker frame t, listener frame 0 (the
+  # ground-truth seed of generation) dropped from every metric, the SID clusters and best-of.
+  ev.official_alignment = False
   ev.predictions = ""              # score sample_<k>/<clip>.npy files instead of a model.
   ev.method_name = ""              # row name; '' = DIM-Listener / DIM-Speaker.
   ev.sampling = generate_config().generate.sampling

@@ -2,7 +2,7 @@
 
     from dim_jax import generate
     generator = generate.Generator.from_workdir("runs/finetune_listener",
-                                                 generation.SamplingConfig(temperature=1.0))
+                                                 sampler.SamplingConfig(temperature=1.0))
     out = generator(batch, jax.random.PRNGKey(0), num_samples=4)
     out["motion"]  # [B, 4, T, 56], zero on padded frames
 
@@ -31,11 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dim_jax import files, generation
+from dim_jax import files, sampler
 from dim_jax.data import pipeline, records
 from dim_jax.models import dim as dim_lib
 from dim_jax.models import vqvae
-from dim_jax.training import checkpointing, dim_tasks, trainer
+from dim_jax.training import checkpointing, dim_tasks
 
 GENERATING_PHASES = {"finetune_listener": "listener", "finetune_speaker": "speaker"}
 
@@ -45,21 +45,21 @@ class Generator:
   """Samples the target role's motion from a fine-tuned DIM (see module docstring)."""
   task: dim_tasks.DIMTask
   params: Any
-  sampling: generation.SamplingConfig
+  sampling: sampler.SamplingConfig
   source: str = ""
 
   @classmethod
-  def from_workdir(cls, workdir: str, sampling: generation.SamplingConfig,
+  def from_workdir(cls, workdir: str, sampling: sampler.SamplingConfig,
                    step: str = "best") -> "Generator":
     meta = checkpointing.load_meta(workdir, step)
     if meta.get("phase") not in GENERATING_PHASES:
       raise checkpointing.CheckpointMismatchError(
           f"{workdir} holds a {meta.get('phase')!r} checkpoint; generation needs a "
           f"fine-tuned model (phase one of {sorted(GENERATING_PHASES)})")
-    task = task_from_meta(meta)
+    task = dim_tasks.DIMTask.from_meta(meta)
     params, _ = checkpointing.load_params(workdir, step)
     abstract = jax.eval_shape(functools.partial(task.init_params, jax.random.PRNGKey(0)),
-                              trainer.dummy_batch(1))
+                              pipeline.dummy_batch(1))
     problems = checkpointing.tree_mismatches(abstract, params)
     if problems:
       raise checkpointing.CheckpointMismatchError(
@@ -97,19 +97,9 @@ def _generate(gen: Generator, params, batch: dict, rng: jax.Array, num_samples: 
   model = task.model
   mask = batch["mask"]
   dim_params = {"params": params["dim"]}
-  if gen.role == "listener":
-    feats = model.apply(dim_params, batch["speaker_motion"], mask, task.options.causal_encoders,
-                        method=dim_lib.DIM.encode_speaker)
-    context = model.apply(dim_params, feats, batch["speaker_audio"], "speaker",
-                          method=dim_lib.DIM.decoder_context)
-  else:
-    b, t = mask.shape
-    feats = model.apply(dim_params, jnp.zeros((b,), jnp.int32), b, t,
-                        method=dim_lib.DIM.identity_context)
-    context = model.apply(dim_params, feats, batch["speaker_audio"], "listener",
-                          method=dim_lib.DIM.decoder_context)
+  context = task.conditioning(params, batch)
   target = batch[f"{gen.role}_motion"]
-  context, mask, target = generation.repeat_for_samples((context, mask, target), num_samples)
+  context, mask, target = sampler.repeat_for_samples((context, mask, target), num_samples)
   vq = task.speaker_vq if gen.role == "speaker" else task.listener_vq
   vq_params = {"params": params[f"{gen.role}_vq"]}
   tokens = None
@@ -121,39 +111,24 @@ def _generate(gen: Generator, params, batch: dict, rng: jax.Array, num_samples: 
       inputs = jnp.full(mask.shape, cfg.mask_token, jnp.int32)
       logits = model.apply(dim_params, inputs, context, mask, None, mask,
                            method=dim_lib.DIM.decode)
-      flat = generation.sample_next(rng, logits.reshape(-1, logits.shape[-1]), gen.sampling)
+      flat = sampler.sample_next(rng, logits.reshape(-1, logits.shape[-1]), gen.sampling)
       tokens = flat.reshape(mask.shape)
     else:
       decoder = dim_lib.joint_decoder_module(cfg)
       length = mask.shape[1]
       if cfg.start == "start_token":
         first = jnp.full(mask.shape[:1], cfg.start_token, jnp.int32)
-        tokens = generation.generate_tokens(
+        tokens = sampler.generate_tokens(
             decoder, params["dim"]["joint_decoder"], first_tokens=first, length=length + 1,
             context=context, context_mask=mask, rng=rng, sampling=gen.sampling)[:, 1:]
       else:  # official: the ground-truth first token seeds the sequence.
         first = vq.apply(vq_params, target, mask, method=vqvae.VQVAE.encode)["tokens"][:, 0]
-        tokens = generation.generate_tokens(
+        tokens = sampler.generate_tokens(
             decoder, params["dim"]["joint_decoder"], first_tokens=first, length=length,
             context=context, context_mask=mask, rng=rng, sampling=gen.sampling)
     motion = vq.apply(vq_params, tokens, mask, method=vqvae.VQVAE.decode_tokens)
-    tokens = generation.split_samples(jnp.where(mask, tokens, 0), num_samples)
-  return dict(motion=generation.split_samples(motion, num_samples), tokens=tokens)
-
-
-def task_from_meta(meta: dict) -> dim_tasks.DIMTask:
-  """Rebuilds the DIMTask of a checkpoint from its recorded configs (no files needed)."""
-  model_cfg = dict(meta["model"])
-  dtype = model_cfg.pop("dtype", "float32")
-  model = dim_lib.DIM(dim_lib.DIMConfig(
-      **model_cfg, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32))
-  loss = dict(meta.get("config", {}).get("loss", {}))
-  options = dim_tasks.LossOptions(**loss) if loss else dim_tasks.LossOptions()
-  return dim_tasks.DIMTask(
-      name=meta["phase"], model=model,
-      speaker_vq=vqvae.VQVAE(dim_tasks.vq_config_from_meta(meta["speaker_vq"])),
-      listener_vq=vqvae.VQVAE(dim_tasks.vq_config_from_meta(meta["listener_vq"])),
-      options=options)
+    tokens = sampler.split_samples(jnp.where(mask, tokens, 0), num_samples)
+  return dict(motion=sampler.split_samples(motion, num_samples), tokens=tokens)
 
 
 def generate_clips(generator: Generator, dataset, num_samples: int,
@@ -186,14 +161,14 @@ def generate_clips(generator: Generator, dataset, num_samples: int,
 def run_generate(config, workdir: str) -> dict:
   """Generates for every clip of `generate.split`; returns summary errors vs ground truth."""
   gc = config.generate
-  sampling = generation.SamplingConfig.from_config(gc.sampling)
+  sampling = sampler.SamplingConfig.from_config(gc.sampling)
   if int(gc.num_samples) < 1:
     raise ValueError(f"generate.num_samples={gc.num_samples}; expected >= 1")
   if not config.init.model:
     raise ValueError("set init.model to the workdir of a finetune_listener / "
                      "finetune_speaker run")
   generator = Generator.from_workdir(config.init.model, sampling)
-  data_dir = trainer.ensure_data(config)
+  data_dir = pipeline.ensure_data(config)
   batch_size = int(gc.batch_size)
   dataset = pipeline.make_dataset(
       data_dir, gc.split, batch_size=batch_size, train=False, seed=int(config.seed),

@@ -35,4 +35,4 @@ def run(argv):
 
 
 if __name__ == "__main__":
-  app.run(run)
+  app.run(run, flags_parser=dim_main.parse_flags)

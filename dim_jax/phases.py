@@ -31,7 +31,7 @@ def run(config, workdir: str, *, step_hooks=()) -> dict:
 
 def run_dim(config, workdir: str, *, step_hooks=()) -> dict:
   """Trains a DIM phase; its checkpoints (best by validation loss) feed the next phase."""
-  task = dim_tasks.DIMTask.from_config(config)
+  task = dim_tasks.task_from_config(config)
   result = trainer.train_and_evaluate(config, workdir, task, step_hooks=step_hooks)
   report = dict(phase=config.phase, step=result["step"], best_step=result["best_step"],
                 val=result["val"], preempted=result["preempted"])

@@ -39,6 +39,8 @@ stop() {
   for pidfile in "$dir/slurmd.pid" "$dir/slurmctld.pid"; do
     [[ -f $pidfile ]] || continue
     pid=$(cat "$pidfile")
+    # Only our daemon: a stale pid file may name a reused pid.
+    [[ $(cat "/proc/$pid/comm" 2>/dev/null) == slurm* ]] || { rm -f "$pidfile"; continue; }
     for _ in $(seq 100); do  # up to 10 s for `scontrol shutdown`, then SIGTERM, SIGKILL
       kill -0 "$pid" 2>/dev/null || break
       sleep 0.1

@@ -53,15 +53,12 @@ def count(tree) -> int:
 
 
 def task_from_config(config, vq_config=TINY_VQ) -> dim_tasks.DIMTask:
-  """A DIMTask built like `DIMTask.from_config`, minus the checkpoints: model and loss from
-  `config` (tiny widths applied on top), tiny in-memory VQ-VAEs."""
-  model = config.model
+  """`DIMTask.from_config` (no checkpoints needed): model and loss from `config` (tiny widths
+  applied on top), tiny in-memory VQ-VAEs."""
   for key, value in TINY_DIM.items():
-    model[key] = value
-  return dim_tasks.DIMTask(
-      name=config.phase, model=dim_lib.DIM(dim_lib.dim_config_from(model)),
-      speaker_vq=vqvae.VQVAE(vq_config), listener_vq=vqvae.VQVAE(vq_config),
-      options=dim_tasks.LossOptions(**dict(config.loss)))
+    config.model[key] = value
+  config.data.max_len = TINY_DIM["max_seq_len"] // 2
+  return dim_tasks.DIMTask.from_config(config, speaker_vq=vq_config, listener_vq=vq_config)
 
 
 def make_task(phase, ablation="none") -> dim_tasks.DIMTask:
@@ -601,7 +598,7 @@ def test_pretrain_checkpoint_grafts_vq_and_keeps_it_frozen(chain):
 def test_finetune_restores_every_pretrained_leaf(chain, tmp_path, caplog):
   config = dim_chain_config("finetune_listener", chain["data_dir"], steps=0)
   config.init.pretrain = chain["pretrain"]
-  task = dim_tasks.DIMTask.from_config(config)
+  task = dim_tasks.task_from_config(config)
   assert task.init_sources == (("", chain["pretrain"]),)
   abstract = _abstract(task)
   expected = flat(abstract)
@@ -634,7 +631,7 @@ def test_phase_chaining_errors_are_clear(chain, tmp_path):
   config = dim_chain_config("finetune_listener", data_dir)
   config.model.dim = 48
   config.init.pretrain = chain["pretrain"]
-  task = dim_tasks.DIMTask.from_config(config)
+  task = dim_tasks.task_from_config(config)
   with pytest.raises(checkpointing.CheckpointMismatchError) as error:
     task.pretrained_params(_abstract(task))
   message = str(error.value)
@@ -651,35 +648,35 @@ def test_phase_chaining_errors_are_clear(chain, tmp_path):
   config = dim_chain_config("finetune_listener", data_dir)
   config.init.pretrain = missing
   with pytest.raises(FileNotFoundError, match="never_pretrained"):
-    dim_tasks.DIMTask.from_config(config)
+    dim_tasks.task_from_config(config)
   # init.pretrain naming a VQ workdir, init.speaker_vq naming a pretraining workdir.
   config.init.pretrain = chain["listener"]
   with pytest.raises(checkpointing.CheckpointMismatchError, match="not a DIM pretraining run"):
-    dim_tasks.DIMTask.from_config(config)
+    dim_tasks.task_from_config(config)
   config = dim_chain_config("pretrain", data_dir)
   config.init.speaker_vq = chain["pretrain"]
   config.init.listener_vq = chain["listener"]
   with pytest.raises(checkpointing.CheckpointMismatchError, match="not a VQ-VAE"):
-    dim_tasks.DIMTask.from_config(config)
+    dim_tasks.task_from_config(config)
   # The no-pretraining ablation naming a pretraining run is a contradiction.
   config = dim_chain_config("finetune_listener", data_dir, ablation="no_pretrain")
   config.init.pretrain = chain["pretrain"]
   with pytest.raises(ValueError, match="no_pretrain"):
-    dim_tasks.DIMTask.from_config(config)
+    dim_tasks.task_from_config(config)
   config = dim_chain_config("pretrain", data_dir)
   config.init.speaker_vq = chain["speaker"]
   config.init.listener_vq = chain["listener"]
   # A vocabulary that is not the tokenizers' codebook.
   config.model.num_tokens = 32
   with pytest.raises(ValueError, match="num_tokens"):
-    dim_tasks.DIMTask.from_config(config)
+    dim_tasks.task_from_config(config)
 
 
 def test_no_pretrain_finetune_restores_only_the_tokenizers(chain):
   config = dim_chain_config("finetune_listener", chain["data_dir"], ablation="no_pretrain")
   config.init.speaker_vq = chain["speaker"]
   config.init.listener_vq = chain["listener"]
-  task = dim_tasks.DIMTask.from_config(config)
+  task = dim_tasks.task_from_config(config)
   grafted = task.pretrained_params(_abstract(task))
   assert {p.split("/")[0] for p in grafted} == {"speaker_vq", "listener_vq"}
   for role in ("speaker", "listener"):
@@ -944,11 +941,8 @@ def test_official_parameter_counts():
                mask=jax.ShapeDtypeStruct((1, 8), jnp.bool_))
 
   def official_task(phase):
-    config = config_lib.dim_config(phase)
-    return dim_tasks.DIMTask(
-        name=phase, model=dim_lib.DIM(dim_lib.dim_config_from(config.model)),
-        speaker_vq=vqvae.VQVAE(vqvae.VQConfig()), listener_vq=vqvae.VQVAE(vqvae.VQConfig()),
-        options=dim_tasks.LossOptions(**dict(config.loss)))
+    return dim_tasks.DIMTask.from_config(config_lib.dim_config(phase),
+                                         speaker_vq=vqvae.VQConfig(), listener_vq=vqvae.VQConfig())
 
   pretrain = official_task("pretrain")
   shapes = jax.eval_shape(pretrain.init_params, jax.random.PRNGKey(0), batch)

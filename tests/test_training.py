@@ -206,3 +206,34 @@ def test_params_tree_mismatch_lists_paths():
   assert any("b/c" in p and "missing" in p for p in problems)
   assert any(p.startswith("not in model: d") for p in problems)
   assert any("a" in p and "(2, 3)" in p and "(2, 4)" in p for p in problems)
+
+
+def test_train_step_compiles_once_and_keeps_shapes(data_dir):
+  # Recompilation guard on the jitted step: batches of one bucket reuse one executable, and
+  # the state keeps its shapes and dtypes (a drifting dtype would retrace every step).
+  import chex  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  from dim_jax.data import pipeline
+  from dim_jax.training import trainer, vq
+  import tensorflow as tf
+  config = tiny_config(data_dir)
+  task = vq.VQTask.from_config(config)
+  optimizer = trainer.make_optimizer(config.train)
+  params = task.init_params(jax.random.PRNGKey(0), pipeline.dummy_batch(2, 16))
+  state = dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+               rng=jax.random.PRNGKey(1))
+  def step(state, batch):
+    return trainer.train_step(state, batch, task=task, optimizer=optimizer)
+
+  step_fn = jax.jit(chex.assert_max_traces(step, n=1))
+  dataset = pipeline.make_split_dataset(config, data_dir, "train", train=True, batch_size=2)
+  batches = pipeline.as_numpy(iter(dataset.filter(lambda b: tf.shape(b["mask"])[1] == 128)))
+  losses_seen = []
+  for _ in range(3):
+    batch = {k: v for k, v in next(batches).items() if k in pipeline.dummy_batch(1)}
+    new_state, metrics = step_fn(state, batch)
+    chex.assert_trees_all_equal_shapes_and_dtypes(new_state, state)
+    losses_seen.append(float(metrics["loss"]))
+    state = new_state
+  assert int(state["step"]) == 3 and len(set(losses_seen)) == 3

@@ -122,8 +122,7 @@ def dim_child(case: str, batch: int, frames: int, dtype: str, warmup: int, steps
   import functools  # pylint: disable=g-import-not-at-top
   import jax
   import numpy as np
-  from dim_jax import config_lib, generate, generation
-  from dim_jax.models import dim as dim_lib
+  from dim_jax import config_lib, generate, sampler
   from dim_jax.models import vqvae
   from dim_jax.training import dim_tasks, trainer
 
@@ -134,9 +133,7 @@ def dim_child(case: str, batch: int, frames: int, dtype: str, warmup: int, steps
   vq_model = config_lib.vq_model_config()
   vq_model.compute_dtype = dtype
   vq_cfg = vqvae.vq_config_from(vq_model)
-  task = dim_tasks.DIMTask(name=phase, model=dim_lib.DIM(dim_lib.dim_config_from(config.model)),
-                           speaker_vq=vqvae.VQVAE(vq_cfg), listener_vq=vqvae.VQVAE(vq_cfg),
-                           options=dim_tasks.LossOptions(**dict(config.loss)))
+  task = dim_tasks.DIMTask.from_config(config, speaker_vq=vq_cfg, listener_vq=vq_cfg)
   rng = np.random.default_rng(1)
   local = dict(speaker_motion=rng.normal(size=(batch, frames, 56)).astype(np.float32),
                listener_motion=rng.normal(size=(batch, frames, 56)).astype(np.float32),
@@ -145,7 +142,7 @@ def dim_child(case: str, batch: int, frames: int, dtype: str, warmup: int, steps
   params = jax.jit(task.init_params)(jax.random.PRNGKey(0), local)
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
   if case == "generate":
-    gen = generate.Generator(task=task, params=params, sampling=generation.SamplingConfig())
+    gen = generate.Generator(task=task, params=params, sampling=sampler.SamplingConfig())
     compile_s, times = time_calls(
         lambda i: jax.block_until_ready(gen(local, jax.random.PRNGKey(i + 1))["motion"]),
         warmup, steps)

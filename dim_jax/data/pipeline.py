@@ -42,11 +42,15 @@ windows (about 0.56 MB per 160-frame window), partial bucket batches and prefetc
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Iterator, Sequence
 
+import jax
 import numpy as np
 import tensorflow as tf
 
+from dim_jax import errors
 from dim_jax.data import records
 
 STREAMS = tuple(records.STREAM_WIDTHS)
@@ -257,3 +261,47 @@ def as_numpy(iterator: Iterator[dict[str, tf.Tensor]]) -> Iterator[dict[str, np.
             tf.errors.NotFoundError) as error:
       raise records.record_error_from(error) from None
     yield {key: value.numpy() for key, value in batch.items()}
+
+
+# --- what the phases read: a config's splits, written first if synthetic ------------------
+
+def ensure_data(config) -> str:
+  """Returns the data dir; writes the embedded synthetic dataset there if asked and absent."""
+  data_dir = config.data.dir
+  if not data_dir:
+    raise errors.ConfigError("config.data.dir is empty: name a directory of dim_jax TFRecords "
+                     "(or one where the synthetic dataset should be written)")
+  info = os.path.join(data_dir, "dataset_info.json")
+  if not os.path.exists(info):
+    if not config.data.synthetic:
+      raise records.RecordError(f"{info}: no dataset here (set data.synthetic=True to generate "
+                                "the embedded synthetic dataset)")
+    if jax.process_index() == 0:
+      from dim_jax.data import synthetic  # pylint: disable=g-import-not-at-top,cyclic-import
+      logging.info("writing the synthetic dataset to %s", data_dir)
+      synthetic.write_synthetic_dataset(
+          data_dir, seed=int(config.data.synthetic_seed),
+          num_train=int(config.data.synthetic_num_train),
+          num_val=int(config.data.synthetic_num_val),
+          num_test=int(config.data.synthetic_num_test))
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("synthetic data written")
+  return data_dir
+
+
+def make_split_dataset(config, data_dir: str, split: str, *, train: bool, batch_size: int):
+  return make_dataset(
+      data_dir, split, batch_size=batch_size, train=train, seed=int(config.seed),
+      bucket_boundaries=list(config.data.bucket_boundaries), max_len=int(config.data.max_len),
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      shuffle_buffer=int(config.data.shuffle_buffer))
+
+
+def dummy_batch(batch_size: int, frames: int = 8) -> dict[str, np.ndarray]:
+  return dict(
+      speaker_motion=np.zeros((batch_size, frames, records.MOTION_DIM), np.float32),
+      listener_motion=np.zeros((batch_size, frames, records.MOTION_DIM), np.float32),
+      speaker_audio=np.zeros((batch_size, frames, records.AUDIO_DIM), np.float32),
+      mask=np.ones((batch_size, frames), bool),
+      length=np.full((batch_size,), frames, np.int32))

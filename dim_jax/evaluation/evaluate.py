@@ -41,7 +41,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from dim_jax import files, generation
+from dim_jax import files, sampler
 from dim_jax.data import pipeline, records
 from dim_jax.evaluation import baselines as baselines_lib
 from dim_jax.evaluation import metrics as metrics_lib
@@ -61,7 +61,7 @@ def _model_samples(config, data_dir: str, role: str, clips: list[dict], num_samp
   from dim_jax import generate  # pylint: disable=g-import-not-at-top
   ec = config.evaluate
   generator = generate.Generator.from_workdir(
-      config.init.model, generation.SamplingConfig.from_config(ec.sampling))
+      config.init.model, sampler.SamplingConfig.from_config(ec.sampling))
   if generator.role != role:
     raise ValueError(f"{config.init.model} generates {generator.role} motion; "
                      f"evaluate.role={role!r}")
@@ -224,7 +224,6 @@ def best_of_samples(samples: np.ndarray, truth: np.ndarray, lengths: np.ndarray,
 
 def run_evaluate(config, workdir: str) -> dict:
   """Scores the model and the baselines on `evaluate.split`; writes the report."""
-  from dim_jax.training import trainer  # pylint: disable=g-import-not-at-top
   ec = config.evaluate
   role = ec.role
   if role not in MODEL_NAMES:
@@ -249,7 +248,7 @@ def run_evaluate(config, workdir: str) -> dict:
   if not ec.predictions and not config.init.model:
     raise ValueError("set init.model to a finetune_listener / finetune_speaker workdir, or "
                      "evaluate.predictions to a directory of sample_<k>/<clip>.npy files")
-  data_dir = trainer.ensure_data(config)
+  data_dir = pipeline.ensure_data(config)
   clips = records.read_clips(data_dir, ec.split)
   if not clips:
     raise records.RecordError(f"{data_dir}: split {ec.split!r} has no clips")

@@ -24,6 +24,7 @@ Official semantics (seq2seq_pretrain.py) and where we differ, one line each:
 from __future__ import annotations
 
 import dataclasses
+import re
 import logging
 from typing import Any, Optional
 
@@ -165,6 +166,23 @@ class LossOptions:
       raise ValueError(f"loss.mask_ratio={self.mask_ratio}; expected 0 <= ratio < 1")
 
 
+def trainable_by_patterns(params, frozen_patterns) -> Any:
+  """Bool tree: False where a pattern matches the leaf's path ('a/b/c') or a module above it.
+
+  Patterns are Python regexes matched in full against '/'-joined names, as big_vision's
+  parameter patterns: `dim/listener_encoder` freezes that module, `.*_vq/decoder/.*` every
+  leaf under both VQ decoders.
+  """
+  compiled = [re.compile(p) for p in frozen_patterns]
+
+  def trainable(path) -> bool:
+    parts = checkpointing.path_str(path).split("/")
+    prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return not any(c.fullmatch(prefix) for c in compiled for prefix in prefixes)
+
+  return jax.tree_util.tree_map_with_path(lambda path, _: trainable(path), params)
+
+
 def _flatten(tree) -> dict[str, Any]:
   return {checkpointing.path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
@@ -180,11 +198,19 @@ class DIMTask:
   listener_vq: vqvae.VQVAE
   options: LossOptions
   init_sources: tuple = ()   # ((subtree, workdir), ...) restored after init, in order.
+  frozen_params: tuple = ()  # train.frozen_params: patterns of parameters that never train.
 
   # -- construction --
 
   @classmethod
-  def from_config(cls, config) -> "DIMTask":
+  def from_config(cls, config, *, speaker_vq, listener_vq) -> "DIMTask":
+    """The task of `config.phase`, built from the config and the two tokenizers' configs.
+
+    Pure: reads no file. `speaker_vq` / `listener_vq` are `VQConfig`s or the `model` dicts
+    recorded in a checkpoint's meta (`tokenizer_configs(config)` reads them from the
+    workdirs that `config.init` names). The earlier phases' params are grafted later, by
+    the trainer (`init_sources` names where they come from).
+    """
     phase = config.phase
     if phase not in PHASES:
       raise ValueError(f"config.phase={phase!r}; expected one of {PHASES}")
@@ -194,34 +220,12 @@ class DIMTask:
       raise ValueError("ablation=no_pretrain is a fine-tune phase with init.pretrain='' "
                        f"(got phase={phase!r}, init.pretrain={init.pretrain!r})")
     if phase == "pretrain" or not init.pretrain:
-      if not (init.speaker_vq and init.listener_vq):
-        raise ValueError(f"phase {phase}: set init.speaker_vq and init.listener_vq to the "
-                         "workdirs of the two `vq` phases" + (
-                             "" if phase == "pretrain" else " (or init.pretrain)"))
-      speaker_meta = checkpointing.load_meta(init.speaker_vq)
-      listener_meta = checkpointing.load_meta(init.listener_vq)
-      for meta, role, workdir in ((speaker_meta, "speaker", init.speaker_vq),
-                                  (listener_meta, "listener", init.listener_vq)):
-        if meta.get("phase") != "vq":
-          raise checkpointing.CheckpointMismatchError(
-              f"init.{role}_vq={workdir} holds a {meta.get('phase')!r} checkpoint, not a VQ-VAE")
-        if meta.get("role") != role:
-          # Swapped workdirs would train on the wrong tokenizer without any other symptom.
-          raise checkpointing.CheckpointMismatchError(
-              f"init.{role}_vq={workdir} holds the {meta.get('role')!r} tokenizer, not the "
-              f"{role!r} one (are init.speaker_vq and init.listener_vq swapped?)")
-      speaker_vq_cfg, listener_vq_cfg = speaker_meta["model"], listener_meta["model"]
-      sources = (("speaker_vq", init.speaker_vq), ("listener_vq", init.listener_vq))
+      sources = tuple((f"{role}_vq", init[f"{role}_vq"]) for role in ("speaker", "listener")
+                      if init[f"{role}_vq"])
     else:
-      meta = checkpointing.load_meta(init.pretrain)
-      if meta.get("phase") != "pretrain":
-        raise checkpointing.CheckpointMismatchError(
-            f"init.pretrain={init.pretrain} holds a {meta.get('phase')!r} checkpoint, not "
-            "a DIM pretraining run")
-      speaker_vq_cfg, listener_vq_cfg = meta["speaker_vq"], meta["listener_vq"]
       sources = (("", init.pretrain),)
-    speaker_vq = vqvae.VQVAE(vq_config_from_meta(speaker_vq_cfg))
-    listener_vq = vqvae.VQVAE(vq_config_from_meta(listener_vq_cfg))
+    as_vq = lambda c: c if isinstance(c, vqvae.VQConfig) else vq_config_from_meta(c)
+    speaker_vq, listener_vq = vqvae.VQVAE(as_vq(speaker_vq)), vqvae.VQVAE(as_vq(listener_vq))
     model_cfg = dim_lib.dim_config_from(config.model)
     longest = int(config.data.max_len) * (2 if phase == "pretrain" and model_cfg.two_branch else 1)
     if longest > model_cfg.max_seq_len:
@@ -234,7 +238,21 @@ class DIMTask:
                          f"{vq.config.codebook_size} codes")
     options = LossOptions(**dict(config.loss))
     return cls(name=phase, model=dim_lib.DIM(model_cfg), speaker_vq=speaker_vq,
-               listener_vq=listener_vq, options=options, init_sources=sources)
+               listener_vq=listener_vq, options=options, init_sources=sources,
+               frozen_params=tuple(config.train.get("frozen_params", ())))
+
+  @classmethod
+  def from_meta(cls, meta: dict) -> "DIMTask":
+    """The task recorded in a checkpoint's meta (model, tokenizers, loss); pure."""
+    model_cfg = dict(meta["model"])
+    dtype = model_cfg.pop("dtype", "float32")
+    model = dim_lib.DIM(dim_lib.DIMConfig(
+        **model_cfg, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32))
+    loss = dict(meta.get("config", {}).get("loss", {}))
+    return cls(name=meta["phase"], model=model,
+               speaker_vq=vqvae.VQVAE(vq_config_from_meta(meta["speaker_vq"])),
+               listener_vq=vqvae.VQVAE(vq_config_from_meta(meta["listener_vq"])),
+               options=LossOptions(**loss) if loss else LossOptions())
 
   def model_meta(self) -> dict:
     def as_dict(cfg):
@@ -257,31 +275,27 @@ class DIMTask:
                 listener_vq=vq_init(self.listener_vq, r_l, batch["listener_motion"]))
 
   def trainable_mask(self, params: dict) -> dict:
-    """True where the optimizer may change a parameter (frozen ones stay bit-identical)."""
-    opts = self.options
-    dim_trainable = dict(params["dim"])
-    if self.name == "finetune_speaker":
-      # Official SpeakerSLMFT trains the joint decoder (and the speaker VQ decoder); the
-      # encoders get no gradient there, so freeze them rather than let weight decay drift them.
-      keep = {"joint_decoder", "listener_context_embedding", "identity_embedding", "motion_head",
-              "audio_projector"}
-    elif self.name == "finetune_listener":
-      keep = {"speaker_encoder", "joint_encoder", "speaker_role_embedding", "speaker_norm",
-              "speaker_context_embedding", "joint_decoder", "motion_head", "audio_projector"}
-    else:
-      keep = set(dim_trainable)
-    dim_mask = {k: jax.tree.map(lambda _, t=(k in keep): t, v) for k, v in dim_trainable.items()}
+    """True where the optimizer may change a parameter (frozen ones stay bit-identical).
+
+    Frozen: what `train.frozen_params` names (config patterns; each phase's default is the
+    official set, config_lib.FROZEN_PARAMS), plus two rules that are not choices: the
+    tokenizers' encoders and codebooks (the targets must not move), and the VQ decoders
+    unless `loss.vq_decoder_trainable` and the phase decodes that role.
+    """
     decoded_roles = {"pretrain": ("speaker", "listener"), "finetune_listener": ("listener",),
                      "finetune_speaker": ("speaker",)}[self.name]
     if self.model.config.output == "continuous":
       decoded_roles = ()
-    out = dict(dim=dim_mask)
+    patterns = list(self.frozen_params)
     for role in ("speaker", "listener"):
-      tree = params[f"{role}_vq"]
-      train_decoder = opts.vq_decoder_trainable and role in decoded_roles
-      out[f"{role}_vq"] = {k: jax.tree.map(lambda _, t=(k == "decoder" and train_decoder): t, v)
-                           for k, v in tree.items()}
-    return out
+      train_decoder = self.options.vq_decoder_trainable and role in decoded_roles
+      patterns += [f"{role}_vq/{re.escape(k)}" for k in params[f"{role}_vq"]
+                   if k != "decoder" or not train_decoder]
+    return trainable_by_patterns(params, patterns)
+
+  def after_update(self, params, hook_inputs: dict, rng: jax.Array):
+    del hook_inputs, rng
+    return params
 
   def pretrained_params(self, abstract_params: dict) -> dict[str, np.ndarray]:
     """Leaves restored from earlier phases: {'path/to/leaf': host array}.
@@ -379,6 +393,29 @@ class DIMTask:
 
   # -- the phases --
 
+  def conditioning(self, params, batch) -> jax.Array:
+    """The decoder context of a fine-tuned phase: what the predicted role is conditioned on.
+
+    DIM-Listener: the speaker's encoded motion + audio; DIM-Speaker: speech plus the
+    listener context (zeros, official, or one learned row). One place for the loss and for
+    generation, so both always see the same conditioning.
+    """
+    dim_params = {"params": params["dim"]}
+    mask, audio = batch["mask"], batch["speaker_audio"]
+    if self.name == "finetune_listener":
+      feats = self.model.apply(dim_params, batch["speaker_motion"], mask,
+                               self.options.causal_encoders, method=dim_lib.DIM.encode_speaker)
+      return self.model.apply(dim_params, feats, audio, "speaker",
+                              method=dim_lib.DIM.decoder_context)
+    if self.name == "finetune_speaker":
+      b, t = mask.shape
+      feats = self.model.apply(dim_params, jnp.zeros((b,), jnp.int32), b, t,
+                               method=dim_lib.DIM.identity_context)
+      return self.model.apply(dim_params, feats, audio, "listener",
+                              method=dim_lib.DIM.decoder_context)
+    raise ValueError(f"phase {self.name!r} has no single conditioning (pretraining predicts "
+                     "both roles)")
+
   def _forward(self, params, batch, rng, train: bool) -> dict:
     """All loss terms of this phase as (sum, count) pairs; shared by loss_fn and eval_sums."""
     opts = self.options
@@ -401,19 +438,9 @@ class DIMTask:
       jobs = (("speaker", speaker, hidden_s, ctx(enc["joint_listener"], "listener"), r_s),
               ("listener", listener, hidden_l, ctx(enc["joint_speaker"], "speaker"), r_l))
     elif self.name == "finetune_listener":
-      feats = self.model.apply({"params": params["dim"]}, speaker, mask, opts.causal_encoders,
-                               method=dim_lib.DIM.encode_speaker)
-      context = self.model.apply({"params": params["dim"]}, feats, audio, "speaker",
-                                 method=dim_lib.DIM.decoder_context)
-      jobs = (("listener", listener, mask, context, r_l),)
+      jobs = (("listener", listener, mask, self.conditioning(params, batch), r_l),)
     else:  # finetune_speaker: speech (plus a zero or learned listener context) -> speaker
-      b, t = mask.shape
-      identity = jnp.zeros((b,), jnp.int32)
-      feats = self.model.apply({"params": params["dim"]}, identity, b, t,
-                               method=dim_lib.DIM.identity_context)
-      context = self.model.apply({"params": params["dim"]}, feats, audio, "listener",
-                                 method=dim_lib.DIM.decoder_context)
-      jobs = (("speaker", speaker, mask, context, r_s),)
+      jobs = (("speaker", speaker, mask, self.conditioning(params, batch), r_s),)
     for role, motion, hidden, context, r in jobs:
       tokens = (jnp.zeros(mask.shape, jnp.int32) if self.model.config.output == "continuous"
                 else self._tokens(params, role, motion, mask))
@@ -462,6 +489,46 @@ class DIMTask:
         means[name] = float(sums[key]) / max(float(sums[f"{name}/count"]), 1.0)
     means["loss"] = float(self._total(means))
     return means
+
+
+def tokenizer_configs(config) -> dict[str, dict]:
+  """The two tokenizers' model configs, read from the checkpoints `config.init` names.
+
+  The one place where building a DIM phase reads the disk: the VQ workdirs (pretraining, or a
+  fine-tune without pretraining) or the pretraining run. Returns keyword arguments for
+  `DIMTask.from_config`. A workdir of the wrong phase or role is refused here.
+  """
+  init, phase = config.init, config.phase
+  if phase == "pretrain" or not init.pretrain:
+    if not (init.speaker_vq and init.listener_vq):
+      raise ValueError(f"phase {phase}: set init.speaker_vq and init.listener_vq to the "
+                       "workdirs of the two `vq` phases" + (
+                           "" if phase == "pretrain" else " (or init.pretrain)"))
+    out = {}
+    for role in ("speaker", "listener"):
+      workdir = init[f"{role}_vq"]
+      meta = checkpointing.load_meta(workdir)
+      if meta.get("phase") != "vq":
+        raise checkpointing.CheckpointMismatchError(
+            f"init.{role}_vq={workdir} holds a {meta.get('phase')!r} checkpoint, not a VQ-VAE")
+      if meta.get("role") != role:
+        # Swapped workdirs would train on the wrong tokenizer without any other symptom.
+        raise checkpointing.CheckpointMismatchError(
+            f"init.{role}_vq={workdir} holds the {meta.get('role')!r} tokenizer, not the "
+            f"{role!r} one (are init.speaker_vq and init.listener_vq swapped?)")
+      out[f"{role}_vq"] = meta["model"]
+    return out
+  meta = checkpointing.load_meta(init.pretrain)
+  if meta.get("phase") != "pretrain":
+    raise checkpointing.CheckpointMismatchError(
+        f"init.pretrain={init.pretrain} holds a {meta.get('phase')!r} checkpoint, not "
+        "a DIM pretraining run")
+  return dict(speaker_vq=meta["speaker_vq"], listener_vq=meta["listener_vq"])
+
+
+def task_from_config(config) -> DIMTask:
+  """`DIMTask.from_config` with the tokenizer configs read from `config.init`'s workdirs."""
+  return DIMTask.from_config(config, **tokenizer_configs(config))
 
 
 def vq_config_from_meta(meta_model: dict) -> vqvae.VQConfig:

@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import signal
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +28,29 @@ from dim_jax.data import pipeline, records
 from dim_jax.training import checkpointing, metric_writer
 
 PyTree = Any
+
+
+class Task(Protocol):
+  """What the trainer needs of a phase (VQTask, DIMTask): pure functions it jits and shards."""
+  name: str
+
+  def init_params(self, rng: jax.Array, batch: dict) -> PyTree: ...
+  def loss_fn(self, params: PyTree, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]: ...
+  def eval_sums(self, params: PyTree, batch: dict) -> dict: ...
+  def finalize_eval(self, sums: dict) -> dict: ...
+  def model_meta(self) -> dict: ...
+
+  def trainable_mask(self, params: PyTree) -> Optional[PyTree]:
+    """Bool tree, False = frozen (no optimizer state, bit-identical); None = all train."""
+
+  def after_update(self, params: PyTree, hook_inputs: dict, rng: jax.Array) -> PyTree:
+    """Params after the optimizer update (e.g. dead-code restarts); `hook_inputs` are the
+    loss outputs whose names start with '_'."""
+
+  def pretrained_params(self, abstract_params: PyTree) -> dict[str, np.ndarray]:
+    """Leaves grafted from earlier phases' checkpoints onto a fresh init: {path: array}."""
+
+
 StepHook = Callable[[int, checkpointing.Checkpointer], None]
 
 
@@ -64,7 +87,7 @@ def make_optimizer(train_config, trainable: Optional[PyTree] = None) -> optax.Gr
   return optax.multi_transform({"train": optimizer, "freeze": optax.set_to_zero()}, labels)
 
 
-def train_step(state: dict, batch: dict, *, task, optimizer,
+def train_step(state: dict, batch: dict, *, task: Task, optimizer,
                trainable: Optional[PyTree] = None) -> tuple[dict, dict]:
   """One optimizer step; the step's rng is `fold_in(state.rng, step)` so resume replays it."""
   rng = jax.random.fold_in(state["rng"], state["step"])
@@ -87,9 +110,8 @@ def train_step(state: dict, batch: dict, *, task, optimizer,
   # Keys starting with '_' are loss outputs for the task's post-update hook, not metrics.
   hook_inputs = {k: v for k, v in metrics.items() if k.startswith("_")}
   metrics = {k: v for k, v in metrics.items() if not k.startswith("_")}
-  if hasattr(task, "after_update"):
-    # E.g. the VQ phase re-seeds dead codebook entries from this batch's latents.
-    params = task.after_update(params, hook_inputs, jax.random.fold_in(rng, 1))
+  # E.g. the VQ phase re-seeds dead codebook entries from this batch's latents.
+  params = task.after_update(params, hook_inputs, jax.random.fold_in(rng, 1))
   metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
                  param_norm=optax.tree.norm(params))
   new_state = dict(step=state["step"] + 1, params=params, opt_state=opt_state, rng=state["rng"])
@@ -101,39 +123,6 @@ def eval_step(params: PyTree, batch: dict, *, task) -> dict:
 
 
 # --- helpers ----------------------------------------------------------------------------
-
-def ensure_data(config) -> str:
-  """Returns the data dir; writes the embedded synthetic dataset there if asked and absent."""
-  data_dir = config.data.dir
-  if not data_dir:
-    raise ValueError("config.data.dir is empty: name a directory of dim_jax TFRecords "
-                     "(or one where the synthetic dataset should be written)")
-  info = os.path.join(data_dir, "dataset_info.json")
-  if not os.path.exists(info):
-    if not config.data.synthetic:
-      raise records.RecordError(f"{info}: no dataset here (set data.synthetic=True to generate "
-                                "the embedded synthetic dataset)")
-    if jax.process_index() == 0:
-      from dim_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-      logging.info("writing the synthetic dataset to %s", data_dir)
-      synthetic.write_synthetic_dataset(
-          data_dir, seed=int(config.data.synthetic_seed),
-          num_train=int(config.data.synthetic_num_train),
-          num_val=int(config.data.synthetic_num_val),
-          num_test=int(config.data.synthetic_num_test))
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      multihost_utils.sync_global_devices("synthetic data written")
-  return data_dir
-
-
-def make_split_dataset(config, data_dir: str, split: str, *, train: bool, batch_size: int):
-  return pipeline.make_dataset(
-      data_dir, split, batch_size=batch_size, train=train, seed=int(config.seed),
-      bucket_boundaries=list(config.data.bucket_boundaries), max_len=int(config.data.max_len),
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      shuffle_buffer=int(config.data.shuffle_buffer))
-
 
 def _synchronized_batches(local_batches: Iterator[dict], template: dict) -> Iterator[dict]:
   """Yields until every process is exhausted; exhausted hosts contribute masked fillers.
@@ -164,7 +153,7 @@ def evaluate(task, params, *, dataset, mesh, compiled_eval, batch_size: int,
              min_frames: int = 8) -> dict[str, float]:
   """Full pass over a split; exact (sum, count) aggregation, padding never counted."""
   totals = None
-  template = dict(dummy_batch(batch_size, min_frames), example_mask=np.zeros(batch_size, bool))
+  template = dict(pipeline.dummy_batch(batch_size, min_frames), example_mask=np.zeros(batch_size, bool))
   template["mask"][:] = False
   for local in _synchronized_batches(pipeline.as_numpy(iter(dataset)), template):
     sums = compiled_eval(params, sharding_lib.to_global_batch(local, mesh))
@@ -173,15 +162,6 @@ def evaluate(task, params, *, dataset, mesh, compiled_eval, batch_size: int,
   if totals is None:
     raise records.RecordError(f"evaluation split is empty: {dataset}")
   return task.finalize_eval(totals)
-
-
-def dummy_batch(batch_size: int, frames: int = 8) -> dict[str, np.ndarray]:
-  return dict(
-      speaker_motion=np.zeros((batch_size, frames, records.MOTION_DIM), np.float32),
-      listener_motion=np.zeros((batch_size, frames, records.MOTION_DIM), np.float32),
-      speaker_audio=np.zeros((batch_size, frames, records.AUDIO_DIM), np.float32),
-      mask=np.ones((batch_size, frames), bool),
-      length=np.full((batch_size,), frames, np.int32))
 
 
 class _Preemption:
@@ -220,7 +200,7 @@ class _Preemption:
 
 # --- the loop ---------------------------------------------------------------------------
 
-def train_and_evaluate(config, workdir: str, task, *, step_hooks: Sequence[StepHook] = ()) -> dict:
+def train_and_evaluate(config, workdir: str, task: Task, *, step_hooks: Sequence[StepHook] = ()) -> dict:
   """Trains `task` per `config`, checkpointing into `workdir`; returns final metrics.
 
   `step_hooks` are called as `hook(step, checkpointer)` after each step's checkpoint logic
@@ -233,19 +213,17 @@ def train_and_evaluate(config, workdir: str, task, *, step_hooks: Sequence[StepH
                                               "train.batch_size")
   local_eval_batch = sharding_lib.check_batch_size(int(tc.eval_batch_size), mesh,
                                                    jax.process_count(), "train.eval_batch_size")
-  data_dir = ensure_data(config)
-  train_ds = make_split_dataset(config, data_dir, "train", train=True, batch_size=local_batch)
-  val_ds = make_split_dataset(config, data_dir, "val", train=False, batch_size=local_eval_batch)
+  data_dir = pipeline.ensure_data(config)
+  train_ds = pipeline.make_split_dataset(config, data_dir, "train", train=True, batch_size=local_batch)
+  val_ds = pipeline.make_split_dataset(config, data_dir, "val", train=False, batch_size=local_eval_batch)
 
   if tc.data_state not in ("iterator", "replay"):
     raise ValueError(f"train.data_state={tc.data_state!r}; expected 'iterator' or 'replay'")
   root = jax.random.PRNGKey(int(config.seed))
   init_rng, train_rng = jax.random.split(root)
-  dummy = sharding_lib.to_global_batch(dummy_batch(local_batch), mesh)
-  trainable = None
-  if hasattr(task, "trainable_mask"):
-    abstract_params = jax.eval_shape(lambda r: task.init_params(r, dummy), init_rng)
-    trainable = task.trainable_mask(abstract_params)
+  dummy = sharding_lib.to_global_batch(pipeline.dummy_batch(local_batch), mesh)
+  trainable = task.trainable_mask(
+      jax.eval_shape(lambda r: task.init_params(r, dummy), init_rng))
   optimizer = make_optimizer(tc, trainable)
 
   def init_state(rng):
@@ -294,9 +272,9 @@ def train_and_evaluate(config, workdir: str, task, *, step_hooks: Sequence[StepH
     logging.info("resumed from %s at step %d", workdir, latest)
   else:
     state = jax.jit(init_state, out_shardings=state_shardings)(init_rng)
-    if hasattr(task, "pretrained_params"):
-      # Earlier phases' params (host arrays) placed onto this run's shardings.
-      grafted = task.pretrained_params(jax.eval_shape(lambda p: p, state["params"]))
+    # Earlier phases' params (host arrays) placed onto this run's shardings.
+    grafted = task.pretrained_params(jax.eval_shape(lambda p: p, state["params"]))
+    if grafted:
       state["params"] = jax.tree_util.tree_map_with_path(
           lambda path, leaf: (jax.device_put(grafted[checkpointing.path_str(path)], leaf.sharding)
                               if checkpointing.path_str(path) in grafted else leaf),

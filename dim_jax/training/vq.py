@@ -31,6 +31,7 @@ class VQTask:
   # encoder outputs after the step (Jukebox / SoundStream "codebook expiry"); with few steps
   # on small data the official quantizer otherwise uses a handful of its codes.
   restart_dead_codes: bool = False
+  frozen_params: tuple = ()  # train.frozen_params
 
   name = "vq"
 
@@ -41,7 +42,8 @@ class VQTask:
     model = vqvae.VQVAE(vqvae.vq_config_from(config.model))
     return cls(model=model, role=config.role,
                quant_loss_weight=float(config.train.quant_loss_weight),
-               restart_dead_codes=bool(config.train.get("restart_dead_codes", False)))
+               restart_dead_codes=bool(config.train.get("restart_dead_codes", False)),
+               frozen_params=tuple(config.train.get("frozen_params", ())))
 
   @property
   def motion_key(self) -> str:
@@ -79,6 +81,16 @@ class VQTask:
       metrics.update(_code_counts=out["code_counts"], _latents=out["latents"],
                      _valid=batch["mask"])
     return loss, metrics
+
+  def trainable_mask(self, params):
+    if not self.frozen_params:
+      return None  # every tokenizer parameter trains
+    from dim_jax.training import dim_tasks  # pylint: disable=g-import-not-at-top
+    return dim_tasks.trainable_by_patterns(params, self.frozen_params)
+
+  def pretrained_params(self, abstract_params) -> dict:
+    del abstract_params
+    return {}  # the first phase: nothing to graft
 
   def after_update(self, params, hook_inputs: dict, rng: jax.Array):
     """Re-seeds codes unused in this batch with random valid latents of the batch."""

@@ -24,9 +24,8 @@ def main():
     config.model[key] = value
   vq_cfg = vqvae.VQConfig(hidden_size=32, num_layers=1, num_heads=4, mlp_dim=64,
                           codebook_size=16, code_dim=8, dropout_rate=0.0)
-  task = dim_tasks.DIMTask(name="pretrain", model=dim_lib.DIM(dim_lib.dim_config_from(config.model)),
-                           speaker_vq=vqvae.VQVAE(vq_cfg), listener_vq=vqvae.VQVAE(vq_cfg),
-                           options=dim_tasks.LossOptions(**dict(config.loss)))
+  config.data.max_len = 32
+  task = dim_tasks.DIMTask.from_config(config, speaker_vq=vq_cfg, listener_vq=vq_cfg)
   rng = np.random.default_rng(0)
   b, t = 8, 16
   lengths = rng.integers(6, t + 1, b)

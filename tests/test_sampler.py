@@ -1,4 +1,4 @@
-"""Tests for dim_jax.generation: filters vs x-transformers, sampling law, cached generation."""
+"""Tests for dim_jax.sampler: filters vs x-transformers, sampling law, cached generation."""
 
 import functools
 import math
@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dim_jax import generation as gen
+from dim_jax import sampler as gen
 from dim_jax.models.transformer import TokenDecoder
 
 VOCAB, DIM, DEPTH, HEADS, DIM_HEAD, MAX_LEN = 24, 32, 2, 2, 16, 64
@@ -352,3 +352,22 @@ def test_bad_config_values_raise(field, value):
 def test_unknown_config_field_raises():
   with pytest.raises(ValueError, match="topk"):
     gen.SamplingConfig.from_config({"topk": 3})
+
+
+def test_sampler_compiles_once_per_shape():
+  # Recompilation guard: new rngs, first tokens and contexts of the same shapes reuse the
+  # compiled sampler; only a new shape (here the length) may trace again.
+  import chex  # pylint: disable=g-import-not-at-top
+  dec, params, ctx, mask = _setup(True)
+  guarded = jax.jit(chex.assert_max_traces(gen.generate_tokens, n=1), **gen._STATIC)
+  outs = []
+  for seed in range(3):
+    out = guarded(dec, params, first_tokens=(FIRST + seed) % VOCAB, length=12, context=ctx + seed,
+                  context_mask=mask, rng=jax.random.PRNGKey(seed), sampling=GREEDY)
+    chex.assert_shape(out, (3, 12))
+    chex.assert_type(out, jnp.int32)
+    outs.append(np.asarray(out))
+  assert not np.array_equal(outs[0], outs[1])  # the inputs really changed
+  with pytest.raises(AssertionError, match="traced"):
+    guarded(dec, params, first_tokens=FIRST, length=13, context=ctx, context_mask=mask,
+            rng=jax.random.PRNGKey(0), sampling=GREEDY)
