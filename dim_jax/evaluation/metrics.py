@@ -60,6 +60,8 @@ import numpy as np
 from sklearn import cluster as sk_cluster
 import threadpoolctl
 
+from dim_jax import errors
+
 MOTION_DIM = 56
 POSE = slice(0, 6)
 EXPRESSION = slice(6, 56)
@@ -79,7 +81,7 @@ _CHUNK = 128
 _MAX_NAMED = 8
 
 
-class MetricInputError(ValueError):
+class MetricInputError(errors.DimJaxError, ValueError):
   """Inputs a metric cannot be computed on (the message names the offending clips)."""
 
 

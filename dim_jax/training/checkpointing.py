@@ -37,6 +37,10 @@ class CheckpointMismatchError(errors.DimJaxError, ValueError):
   """A checkpoint in the workdir or named by the config does not fit the model."""
 
 
+class CheckpointNotFoundError(errors.DimJaxError, FileNotFoundError):
+  """A workdir named by the config holds no committed checkpoint."""
+
+
 class CheckpointCorruptError(errors.DimJaxError, ValueError):
   """A checkpoint step cannot be read, or its arrays differ from the checksums saved with it."""
 
@@ -347,7 +351,7 @@ def abstract_with_shardings(tree: PyTree, shardings: PyTree) -> PyTree:
 def _read_only_manager(workdir: str) -> tuple[ocp.CheckpointManager, str]:
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"no checkpoints under {directory} (has that phase run?)")
+    raise CheckpointNotFoundError(f"no checkpoints under {directory} (has that phase run?)")
   try:
     manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
         read_only=True, best_fn=lambda m: m["val_loss"], best_mode="min"))
@@ -363,7 +367,7 @@ def _choose_step(manager, directory: str, step) -> int:
   if chosen is None:
     chosen = manager.latest_step()
   if chosen is None:
-    raise FileNotFoundError(f"no committed checkpoint under {directory}")
+    raise CheckpointNotFoundError(f"no committed checkpoint under {directory}")
   return chosen
 
 

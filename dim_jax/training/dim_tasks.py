@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dim_jax import errors
 from dim_jax.models import dim as dim_lib
 from dim_jax.models import vqvae
 from dim_jax.training import checkpointing
@@ -161,9 +162,9 @@ class LossOptions:
 
   def __post_init__(self):
     if self.decode not in ("argmax", "soft"):
-      raise ValueError(f"loss.decode={self.decode!r}; expected 'argmax' or 'soft'")
+      raise errors.ConfigError(f"loss.decode={self.decode!r}; expected 'argmax' or 'soft'")
     if not 0.0 <= self.mask_ratio < 1.0:
-      raise ValueError(f"loss.mask_ratio={self.mask_ratio}; expected 0 <= ratio < 1")
+      raise errors.ConfigError(f"loss.mask_ratio={self.mask_ratio}; expected 0 <= ratio < 1")
 
 
 def trainable_by_patterns(params, frozen_patterns) -> Any:
@@ -213,11 +214,11 @@ class DIMTask:
     """
     phase = config.phase
     if phase not in PHASES:
-      raise ValueError(f"config.phase={phase!r}; expected one of {PHASES}")
+      raise errors.ConfigError(f"config.phase={phase!r}; expected one of {PHASES}")
     init = config.init
     ablation = config.get("ablation", "none")
     if ablation == "no_pretrain" and (phase == "pretrain" or init.pretrain):
-      raise ValueError("ablation=no_pretrain is a fine-tune phase with init.pretrain='' "
+      raise errors.ConfigError("ablation=no_pretrain is a fine-tune phase with init.pretrain='' "
                        f"(got phase={phase!r}, init.pretrain={init.pretrain!r})")
     if phase == "pretrain" or not init.pretrain:
       sources = tuple((f"{role}_vq", init[f"{role}_vq"]) for role in ("speaker", "listener")
@@ -229,12 +230,12 @@ class DIMTask:
     model_cfg = dim_lib.dim_config_from(config.model)
     longest = int(config.data.max_len) * (2 if phase == "pretrain" and model_cfg.two_branch else 1)
     if longest > model_cfg.max_seq_len:
-      raise ValueError(f"model.max_seq_len={model_cfg.max_seq_len} < {longest}: the "
+      raise errors.ConfigError(f"model.max_seq_len={model_cfg.max_seq_len} < {longest}: the "
                        + ("joint encoder sees both roles, 2 x data.max_len frames"
                           if phase == "pretrain" else "data.max_len"))
     for role, vq in (("speaker", speaker_vq), ("listener", listener_vq)):
       if vq.config.codebook_size != model_cfg.num_tokens:
-        raise ValueError(f"model.num_tokens={model_cfg.num_tokens} but the {role} VQ-VAE has "
+        raise errors.ConfigError(f"model.num_tokens={model_cfg.num_tokens} but the {role} VQ-VAE has "
                          f"{vq.config.codebook_size} codes")
     options = LossOptions(**dict(config.loss))
     return cls(name=phase, model=dim_lib.DIM(model_cfg), speaker_vq=speaker_vq,
@@ -413,7 +414,7 @@ class DIMTask:
                                method=dim_lib.DIM.identity_context)
       return self.model.apply(dim_params, feats, audio, "listener",
                               method=dim_lib.DIM.decoder_context)
-    raise ValueError(f"phase {self.name!r} has no single conditioning (pretraining predicts "
+    raise errors.ConfigError(f"phase {self.name!r} has no single conditioning (pretraining predicts "
                      "both roles)")
 
   def _forward(self, params, batch, rng, train: bool) -> dict:
@@ -501,7 +502,7 @@ def tokenizer_configs(config) -> dict[str, dict]:
   init, phase = config.init, config.phase
   if phase == "pretrain" or not init.pretrain:
     if not (init.speaker_vq and init.listener_vq):
-      raise ValueError(f"phase {phase}: set init.speaker_vq and init.listener_vq to the "
+      raise errors.ConfigError(f"phase {phase}: set init.speaker_vq and init.listener_vq to the "
                        "workdirs of the two `vq` phases" + (
                            "" if phase == "pretrain" else " (or init.pretrain)"))
     out = {}
