@@ -18,8 +18,8 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e .
 	touch $(STAMP)
 
-# Test extras: pytest (+ xdist: two workers, one test file each), nbclient for the notebook
-# test, and torch + x-transformers for the parity tests.
+# Test extras: pytest (+ xdist: two workers; tests/conftest.py groups and orders the tests),
+# nbclient for the notebook test, and torch + x-transformers for the parity tests.
 $(TEST_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e ".[test,parity]"
 	touch $(TEST_STAMP)
@@ -30,7 +30,7 @@ demo: $(STAMP)
 	$(PY) -m dim_jax.demo --workdir $(WORKDIR)
 
 test: $(TEST_STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder --durations=25 tests
 
 # Re-resolve every dependency (newest allowed by pyproject.toml) in a scratch venv and pin it.
 lock:

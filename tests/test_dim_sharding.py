@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_contrastive_negatives_span_the_global_batch():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4 " + os.environ.get("XLA_FLAGS", ""),
              TF_CPP_MIN_LOG_LEVEL="2")
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "helpers", "dim_sharded_loss.py")],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

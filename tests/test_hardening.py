@@ -6,7 +6,6 @@ import contextlib
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -19,7 +18,6 @@ from dim_jax.data import synthetic
 from dim_jax.training import checkpointing, metric_writer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SIGNAL_HELPER = os.path.join(ROOT, "tests", "helpers", "signal_at_step.py")
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +173,7 @@ def test_workdir_that_is_a_file_is_one_line_from_the_command_line(data_dir, tmp_
       [sys.executable, "-m", "dim_jax.main", "--config", "configs/vq_tiny.py",
        f"--workdir={workdir}", f"--config.data.dir={data_dir}"],
       cwd=ROOT, capture_output=True, text=True, timeout=300,
-      env=dict(os.environ, CI="1", XLA_FLAGS="--xla_force_host_platform_device_count=1"))
+      env=dict(os.environ, CI="1", XLA_FLAGS="--xla_force_host_platform_device_count=1 " + os.environ.get("XLA_FLAGS", "")))
   assert result.returncode == 1
   assert "Traceback" not in result.stderr
   last = result.stderr.strip().splitlines()[-1]
@@ -263,42 +261,3 @@ def test_clip_file_names_are_distinct_and_stable():
   assert len(set(names.values())) == len(ids)
   with pytest.raises(ValueError, match="twice"):
     files.clip_filenames(["a", "a"])
-
-
-# --- preemption across hosts --------------------------------------------------------------
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-@pytest.mark.multidevice
-def test_hosts_signalled_at_different_steps_save_the_same_step_and_stop(data_dir, tmp_path):
-  port = _free_port()
-  workdir = tmp_path / "work"
-  env = dict(os.environ, CI="1", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  procs = []
-  for pid, signal_step in ((0, 2), (1, 4)):  # host 0 notified after step 2, host 1 after 4
-    cmd = [sys.executable, SIGNAL_HELPER, f"--coordinator=127.0.0.1:{port}",
-           "--num_processes=2", f"--process_id={pid}", f"--signal_step={signal_step}",
-           "--signal=TERM", "--config", "configs/vq_tiny.py", f"--workdir={workdir}",
-           f"--config.data.dir={data_dir}", "--config.train.batch_size=8",
-           "--config.train.eval_batch_size=8", "--config.data.bucket_boundaries=(128,)",
-           "--config.train.num_steps=50", "--config.train.log_every_steps=1",
-           "--config.train.eval_every_steps=50", "--config.train.checkpoint_every_steps=50",
-           "--config.train.data_state=iterator", "--config.data.shuffle_buffer=16"]
-    procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True))
-  try:
-    outs = [p.communicate(timeout=400) for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
-  # Host 0's notice (after step 2) is seen by both at step 3: both save step 3 and stop.
-  assert sorted(os.listdir(workdir / "checkpoints")) == ["3"]
-  assert {"process_0", "process_1"} <= set(os.listdir(workdir / "checkpoints" / "3" / "data_iter"))
-  steps = [m["step"] for m in metric_writer.read_metrics(workdir) if "train/loss" in m]
-  assert steps == [1, 2, 3]

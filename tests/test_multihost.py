@@ -1,4 +1,5 @@
-"""Two simulated hosts (two local processes, gloo collectives) train, checkpoint and resume."""
+"""Two simulated hosts (two local processes, gloo collectives) train, agree on preemption,
+checkpoint and resume."""
 
 import os
 import socket
@@ -19,12 +20,18 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch(workdir, data_dir, num_steps):
+SIGNAL_HELPER = os.path.join(ROOT, "tests", "helpers", "signal_at_step.py")
+
+
+def _launch(workdir, data_dir, num_steps, signal_steps=None):
+  """Two processes; `signal_steps[i]`: process i gets SIGTERM after that step."""
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", CI="1")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1 " + os.environ.get("XLA_FLAGS", ""), CI="1")
   procs = []
   for pid in range(2):
-    cmd = [sys.executable, "-m", "dim_jax.launch_multihost", f"--coordinator=127.0.0.1:{port}",
+    entry = (["-m", "dim_jax.launch_multihost"] if signal_steps is None else
+             [SIGNAL_HELPER, f"--signal_step={signal_steps[pid]}", "--signal=TERM"])
+    cmd = [sys.executable, *entry, f"--coordinator=127.0.0.1:{port}",
            "--num_processes=2", f"--process_id={pid}", "--config", "configs/vq_tiny.py",
            f"--workdir={workdir}", f"--config.data.dir={data_dir}",
            "--config.train.batch_size=8", "--config.train.eval_batch_size=8",
@@ -44,18 +51,22 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
   synthetic.write_synthetic_dataset(data_dir, seed=3, num_train=24, num_val=7, num_test=5,
                                     num_shards=2, min_len=40, max_len=120)
   workdir = tmp_path / "work"
-  codes, outs = _launch(workdir, data_dir, num_steps=2)
+  # Preemption notices reach the hosts at different steps (host 0 after step 2, host 1 after
+  # step 4): they agree, so both save step 3 and stop cleanly instead of one entering the
+  # collective save while the other trains on.
+  codes, outs = _launch(workdir, data_dir, num_steps=50, signal_steps=(2, 4))
   assert codes == [0, 0], [o[1][-2000:] for o in outs]
   first = metric_writer.read_metrics(workdir)
-  assert [m["step"] for m in first if "train/loss" in m] == [1, 2]
-  step_dir = workdir / "checkpoints" / "2" / "data_iter"
+  assert [m["step"] for m in first if "train/loss" in m] == [1, 2, 3]
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "3"]  # step 2: validation
+  step_dir = workdir / "checkpoints" / "3" / "data_iter"
   assert {"process_0", "process_1"} <= set(os.listdir(step_dir))
   # The validation pass saw every validation frame exactly once across both hosts.
   val = [m for m in first if "val/frames" in m][-1]
   from dim_jax.data import records
   expected_frames = sum(len(c["listener_motion"]) for c in records.read_clips(data_dir, "val"))
   assert val["val/frames"] == expected_frames
-  codes, outs = _launch(workdir, data_dir, num_steps=4)
+  codes, outs = _launch(workdir, data_dir, num_steps=5)
   assert codes == [0, 0], [o[1][-2000:] for o in outs]
   steps = [m["step"] for m in metric_writer.read_metrics(workdir) if "train/loss" in m]
-  assert steps == [1, 2, 3, 4]
+  assert steps == [1, 2, 3, 4, 5]

@@ -35,25 +35,13 @@ def tiny_config(data_dir, **train):
   return config
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  # Subprocesses compile the same programs: share XLA's persistent cache between them.
-  path = str(tmp_path_factory.mktemp("xla_cache"))
-  os.environ["DIM_TEST_XLA_CACHE"] = path
-  yield path
-  os.environ.pop("DIM_TEST_XLA_CACHE", None)
-
-
 SIGNAL_HELPER = os.path.join(ROOT, "tests", "helpers", "signal_at_step.py")
 
 
 def run_main(workdir, data_dir, *flags, devices=1, entry=("-m", "dim_jax.main")):
-  env = dict(os.environ)
-  if "DIM_TEST_XLA_CACHE" in env:
-    env["JAX_COMPILATION_CACHE_DIR"] = env["DIM_TEST_XLA_CACHE"]
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env = dict(os.environ)  # with the session's XLA cache (tests/conftest.py)
+  env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
+                      + os.environ.get("XLA_FLAGS", ""))
   env["CI"] = "1"
   cmd = [sys.executable, *entry, "--config", "configs/vq_tiny.py",
          f"--workdir={workdir}", f"--config.data.dir={data_dir}",
@@ -130,7 +118,7 @@ def test_killed_run_resumes_exactly(data_dir, tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
-  env = dict(os.environ, CI="1", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, CI="1", XLA_FLAGS="--xla_force_host_platform_device_count=1 " + os.environ.get("XLA_FLAGS", ""))
   cmd = [sys.executable, "-m", "dim_jax.main", "--config", "configs/vq_tiny.py",
          f"--workdir={tmp_path}", f"--config.data.dir={data_dir}",
          "--config.train.batch_size=8", "--config.train.eval_batch_size=8",
