@@ -70,19 +70,6 @@ def write_temp(path: str, data: bytes) -> str:
   return temp
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-  """Replaces `path` with `data` atomically."""
-  temp = write_temp(path, data)
-  try:
-    os.replace(temp, path)
-  except OSError as error:
-    _remove_quietly(temp)
-    raise explain_os_error(path, error) from None
-  except BaseException:
-    _remove_quietly(temp)
-    raise
-
-
 def atomic_write_many(contents: Mapping[str, bytes]) -> None:
   """Writes several files; all are staged before any is renamed (a failure changes none)."""
   temps: dict[str, str] = {}
@@ -90,10 +77,19 @@ def atomic_write_many(contents: Mapping[str, bytes]) -> None:
     for path, data in contents.items():
       temps[path] = write_temp(path, data)
     for path in list(temps):
-      os.replace(temps.pop(path), path)
+      try:
+        os.replace(temps[path], path)
+      except OSError as error:
+        raise explain_os_error(path, error) from None
+      del temps[path]
   finally:
     for temp in temps.values():
       _remove_quietly(temp)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+  """Replaces `path` with `data` atomically."""
+  atomic_write_many({path: data})
 
 
 def json_default(value: Any) -> Any:
