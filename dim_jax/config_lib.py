@@ -101,6 +101,11 @@ def data_config() -> ml_collections.ConfigDict:
   data.max_len = 256               # longer clips are split into consecutive windows (not dropped).
   data.bucket_boundaries = (64, 128, 256)  # padded lengths: one compiled shape each.
   data.shuffle_buffer = 1024       # training shuffle buffer (clips).
+  # Ours: standardise the features with the training split's statistics (dataset_info.json):
+  # 'part' = mean per dim, one std per part (pose, expression, audio); 'dimension' = a std
+  # per dim; outputs are mapped back to raw units. 'none' = raw features, as the official
+  # code (needed to run official checkpoints).
+  data.normalize = "part"
   return data
 
 
@@ -117,6 +122,7 @@ def vq_model_config() -> ml_collections.ConfigDict:
   model.code_dim = 128
   model.beta = 0.25                # commitment weight.
   model.codebook_normalize = False  # ours: cosine-distance codes (True in the tiny config).
+  model.code_groups = 1            # ours: >1 = product quantizer (codebook_size = K**groups).
   model.conv_norm = "instance"     # after each conv: 'instance' (official), 'frame' (ours), 'none'.
   model.zero_init_output = False   # ours: decoder output layer starts at 0 (True when tiny).
   model.leaky_slope = 0.2
@@ -180,6 +186,11 @@ def vq_config(role: str) -> ml_collections.ConfigDict:
   config.model = vq_model_config()
   config.train = train_config()
   config.train.restart_dead_codes = False  # ours: re-seed unused codes (True in the tiny config).
+  # 'uniform' (official: L1 over all dims) or 'part_balanced' (ours: pose and expression
+  # weigh half each, dims by raw std; dim_jax/training/vq.py).
+  config.train.reconstruction_weighting = "uniform"
+  config.train.pose_weight = 0.5   # the pose part's share under 'part_balanced'.
+  config.train.reconstruction_loss = "l1"  # official L1, or 'mse'.
   config.mesh = mesh_config()
   return config
 
@@ -190,7 +201,9 @@ def shrink_to_tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   config.model.num_layers = 2
   config.model.num_heads = 4
   config.model.mlp_dim = 128
-  config.model.codebook_size = 128
+  # 512 codes (the official size): with 128 the head and the expression compete for too few
+  # codes per frame (demo validation unexplained pose/expression 0.34/0.36 vs 0.36/0.31).
+  config.model.codebook_size = 512
   config.model.code_dim = 32
   config.model.dropout_rate = 0.0
   # A few hundred steps on small data: without these the official quantizer keeps ~20 of its
@@ -201,6 +214,12 @@ def shrink_to_tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   # per-frame norm keeps them (validation expression unexplained 0.33 -> 0.24).
   config.model.conv_norm = "frame"
   config.train.restart_dead_codes = True
+  # Keep the head (README "Tokenizers on small data"): official raw L1 spends the codes on
+  # the expression and drops the pose (demo: pose unexplained 1.01). Part-balanced MSE weighs
+  # each part by its raw-unit unexplained variance; pose gets 30 % of the loss.
+  config.train.reconstruction_weighting = "part_balanced"
+  config.train.reconstruction_loss = "mse"
+  config.train.pose_weight = 0.3
   tiny_data(config.data)
   return tiny_training(config, num_steps=400, learning_rate=2e-3, eval_every_steps=200)
 
@@ -348,7 +367,7 @@ def shrink_dim_to_tiny(config: ml_collections.ConfigDict) -> ml_collections.Conf
   config.model.heads = 4
   config.model.dim_head = 16
   config.model.max_seq_len = 256
-  config.model.num_tokens = 128    # = the tiny VQ codebook.
+  config.model.num_tokens = 512    # = the tiny VQ codebook.
   config.model.decoder_depth = 2
   config.model.decoder_heads = 4
   config.model.audio_projection = 64  # else the 768-wide audio makes the decoder 832 wide.
@@ -403,6 +422,11 @@ def generate_config() -> ml_collections.ConfigDict:
   config.generate.num_samples = 1  # independent samples per clip (one batch).
   config.generate.batch_size = 8   # clips per generation batch.
   config.generate.seed = 0         # sampling seed (sample k of batch i: fold_in(seed, i)).
+  # Frame 0 of each clip: 'first_frame' (official) = the ground truth's first frame seeds it,
+  # nothing later; 'none' = no ground truth (start token, or the code of the mean motion).
+  config.generate.start = "first_frame"
+  config.generate.window = 0          # frames per generated window; 0 = the model's data.max_len.
+  config.generate.window_overlap = -1  # frames shared with the previous window; -1 = window // 4.
   sampling = ml_collections.ConfigDict()
   sampling.temperature = 1.0       # 0 = greedy.  Official: 1.0 with top-k over 10 %.
   sampling.top_k = 0               # a count; 0 = use top_k_fraction.
@@ -433,4 +457,9 @@ def evaluate_config() -> ml_collections.ConfigDict:
   ev.predictions = ""              # score sample_<k>/<clip>.npy files instead of a model.
   ev.method_name = ""              # row name; '' = DIM-Listener / DIM-Speaker.
   ev.sampling = generate_config().generate.sampling
+  ev.window = 0                    # generation window; 0 = the model's data.max_len.
+  ev.window_overlap = -1           # frames shared by consecutive windows; -1 = window // 4.
+  # A second model row generated without any ground truth (generate.start='none'); the
+  # headline row sees the listener's first ground-truth frame, as the official protocol.
+  ev.no_ground_truth_row = True
   return config

@@ -84,11 +84,17 @@ def format_report(reports: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-HEADLINE_KEYS = ("fd_expression", "mse_expression")
+HEADLINE_KEYS = ("fd_expression", "mse_expression", "fd_pose", "mse_pose")
+# Does the generated head move like the ground truth's? Pose SID (entropy of the pose
+# clusters the frames fall in) within this fraction of the ground truth's.
+SID_TOLERANCE = 0.25
+# Window seams: boundary change at most this multiple of the change inside windows.
+SEAM_LIMIT = 1.5
 
 
 def verdict(evaluation: dict) -> list[str]:
-  """One line per headline key: does the model's mean beat every baseline's (lower is better)?"""
+  """One line per check: headline keys (does the model's mean beat every baseline's, lower is
+  better), pose SID against the ground truth's, and the window seams."""
   protocol = evaluation["headline_protocol"]
   methods = evaluation["methods"]
   model = next(m for m in methods if m["kind"] == "model")
@@ -102,6 +108,23 @@ def verdict(evaluation: dict) -> list[str]:
     lines.append(f"{model['name']} {'beats' if wins else 'does NOT beat'} every baseline on "
                  f"{key} ({protocol}): {ours:.4g} vs best baseline {best_name} "
                  f"{others[best_name]:.4g}.")
+  truth = next((m for m in methods if m["kind"] == "reference"), None)
+  if truth is not None:
+    ours = model["metrics"][protocol]["sid_pose"]["mean"]
+    target = truth["metrics"][protocol]["sid_pose"]["mean"]
+    close = abs(ours - target) <= SID_TOLERANCE * abs(target)
+    lines.append(f"Pose SID {ours:.3g} vs ground truth {target:.3g}: "
+                 f"{'within' if close else 'NOT within'} {SID_TOLERANCE:.0%} (does the head "
+                 "move like the ground truth's).")
+  seams = evaluation.get("seams")
+  if seams:
+    parts = {part: seams[part]["ratio"] for part in ("expression", "pose")
+             if seams.get(part, {}).get("ratio") is not None}
+    if parts:
+      ok = all(r <= SEAM_LIMIT for r in parts.values())
+      lines.append("Window seams (frame-to-frame change at window boundaries / inside): "
+                   + ", ".join(f"{p} {r:.2f}" for p, r in parts.items())
+                   + f" ({'at most' if ok else 'NOT at most'} {SEAM_LIMIT}).")
   return lines
 
 

@@ -3,20 +3,42 @@
     from dim_jax import generate
     generator = generate.Generator.from_workdir("runs/finetune_listener",
                                                  sampler.SamplingConfig(temperature=1.0))
-    out = generator(batch, jax.random.PRNGKey(0), num_samples=4)
-    out["motion"]  # [B, 4, T, 56], zero on padded frames
+    out = generator(batch, jax.random.PRNGKey(0), num_samples=4, start="first_frame")
+    out["motion"]  # [B, 4, T, 56] raw units, zero on padded frames; T any length
 
-A fine-tuned checkpoint (`finetune_listener` or `finetune_speaker`) holds the DIM params and
-both tokenizers.  Generation encodes the conditioning (speaker motion + audio, or audio and
-the listener context), samples the target role's tokens with the KV-cached decoder in one
-compiled `lax.scan` (one executable per bucket length), and VQ-decodes them.  N samples per
-input are one batch.  The first token is the ground-truth first token (official) unless the
-model was trained with `model.start='start_token'`; the parallel variant samples every
-position from one decoder pass; the no-VQ ablation regresses motion directly.
+A fine-tuned checkpoint (`finetune_listener` or `finetune_speaker`) holds the DIM params, both
+tokenizers and the normalization statistics the model was trained with. Inputs are raw units:
+they are standardised inside the jitted function (`task.normalization`, padding exactly 0 as in
+training) and the motion comes back in raw units (`denormalize`).
 
-The phase writes `<workdir>/generated/sample_<k>/<clip_id>.npy` ((T, 56) float32, one file
-per clip and sample, windows reassembled) and `<workdir>/generated/sampling.json` (settings,
-source checkpoint), each file written to a temporary name and renamed.
+Clips of any length, as one continuous stream (a sliding window): window length W is the
+model's training window (`data.max_len` of the fine-tuning run; `Generator.window`), overlap O
+(`Generator.overlap`, default W // 4), hop H = W - O; window k covers frames [k H, k H + W),
+the last one padded with the mask. Each window is conditioned on the speaker motion and audio
+of its own frames (`task.conditioning` on that slice, as in training). Window 0 is sampled
+from frame 0's token; every later window is prompted with the model's own tokens of its first
+O frames (the previous window's last O, `sampler.generate_tokens(prompt_tokens=...)`) and
+samples only the rest, so the tokens form one stream and no window restarts. All windows run
+in one `lax.scan` inside one jitted function: one compiled program per (batch, samples, window
+count). Each window's tokens are VQ-decoded on their own and the decodes are cross-faded
+linearly over the overlaps (`crossfade_weights`); `seam_statistics` measures what is left of
+the seams.
+
+Frame 0 (`start`): 'first_frame' (the official protocol) takes the VQ code of a still window
+repeating the ground truth's first frame (token 0), so no later ground-truth frame reaches the
+model; only that frame enters the jitted function, and later windows are never re-seeded.
+'none' uses no ground truth at all: the model's start token if it was trained with
+`model.start='start_token'` (with 'first_frame' such a model gets [start, frame-0 token]),
+otherwise the code of a still window at the training mean (0 in standardised units, or raw 0
+when the model was trained on raw features). The parallel variant (trained with every
+position masked) and the no-VQ ablation use no ground truth in either mode; their windows are
+generated independently and cross-faded the same way. N samples per input are one batch.
+
+The phase reads the split's clips directly (`records.read_clips`, raw units), groups them by
+window count, and writes `<workdir>/generated/sample_<k>/<clip_id>.npy` ((T, 56) float32 raw
+units, one file per clip and sample) and `<workdir>/generated/sampling.json` (settings, source
+checkpoint, errors against the ground truth), each file written to a temporary name and
+renamed.
 """
 
 from __future__ import annotations
@@ -25,7 +47,7 @@ import dataclasses
 import functools
 import logging
 import os
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -40,23 +62,89 @@ from dim_jax.training import checkpointing, dim_tasks
 GENERATING_PHASES = {"finetune_listener": "listener", "finetune_speaker": "speaker"}
 
 
+START_MODES = ("first_frame", "none")
+
+
+def num_windows(length: int, window: int, overlap: int) -> int:
+  """Windows of `window` frames, `window - overlap` apart, needed to cover `length` frames."""
+  if length <= window:
+    return 1
+  hop = window - overlap
+  return 1 + -(-(length - window) // hop)
+
+
+def padded_length(windows: int, window: int, overlap: int) -> int:
+  """Frames covered by `windows` windows: the time axis the jitted function works on."""
+  return window + (windows - 1) * (window - overlap)
+
+
+def crossfade_weights(windows: int, window: int, overlap: int) -> np.ndarray:
+  """[windows, window] float32 weights of each window's decoded motion in the clip.
+
+  In the overlap of windows k-1 and k (window k's frames j < overlap) window k weighs
+  (j + 1) / (overlap + 1) and window k-1 the rest, so every frame's weights sum to one and
+  neither window ever enters or leaves at full weight; elsewhere a frame has one window of
+  weight 1 (exactly: its motion passes unchanged).
+  """
+  ramp = np.arange(1, overlap + 1, dtype=np.float64) / (overlap + 1)
+  weights = np.ones((windows, window), np.float64)
+  weights[1:, :overlap] = ramp
+  if overlap:
+    weights[:-1, window - overlap:] = 1.0 - ramp
+  return weights.astype(np.float32)
+
+
 @dataclasses.dataclass(frozen=True)
 class Generator:
-  """Samples the target role's motion from a fine-tuned DIM (see module docstring)."""
+  """Samples the target role's motion from a fine-tuned DIM (see module docstring).
+
+  Attributes:
+    task: the fine-tuned phase's task (model, tokenizers, normalization statistics).
+    params: its parameter tree.
+    sampling: how each token is drawn.
+    window: frames per generated window: the training window (`data.max_len` of the
+      fine-tuning run) unless overridden.
+    overlap: frames each window shares with the previous one (1 <= overlap <= window // 2;
+      None = window // 4, at least 1).
+    source: where the params come from (for the records).
+  """
   task: dim_tasks.DIMTask
   params: Any
   sampling: sampler.SamplingConfig
+  window: int
+  overlap: Optional[int] = None
   source: str = ""
 
+  def __post_init__(self):
+    window = int(self.window)
+    overlap = max(1, window // 4) if self.overlap is None else int(self.overlap)
+    object.__setattr__(self, "window", window)
+    object.__setattr__(self, "overlap", overlap)
+    if window < 2 or not 1 <= overlap <= window // 2:
+      raise ValueError(f"generation window {window} with overlap {overlap}: expected "
+                       "window >= 2 and 1 <= overlap <= window // 2")
+    cfg = self.task.model.config
+    longest = window + (cfg.start == "start_token" and not cfg.parallel)
+    if longest > cfg.max_seq_len:
+      raise ValueError(f"generation window {window} needs {longest} decoder positions; "
+                       f"model.max_seq_len is {cfg.max_seq_len}")
+
   @classmethod
-  def from_workdir(cls, workdir: str, sampling: sampler.SamplingConfig,
-                   step: str = "best") -> "Generator":
+  def from_workdir(cls, workdir: str, sampling: sampler.SamplingConfig, step: str = "best",
+                   *, window: Optional[int] = None,
+                   overlap: Optional[int] = None) -> "Generator":
+    """The checkpoint of a fine-tune workdir; `window` defaults to its `data.max_len`."""
     meta = checkpointing.load_meta(workdir, step)
     if meta.get("phase") not in GENERATING_PHASES:
       raise checkpointing.CheckpointMismatchError(
           f"{workdir} holds a {meta.get('phase')!r} checkpoint; generation needs a "
           f"fine-tuned model (phase one of {sorted(GENERATING_PHASES)})")
     task = dim_tasks.DIMTask.from_meta(meta)
+    if window is None:
+      window = (meta.get("config") or {}).get("data", {}).get("max_len")
+      if window is None:
+        raise checkpointing.CheckpointMismatchError(
+            f"{workdir} records no data.max_len (its training window); pass window=")
     params, _ = checkpointing.load_params(workdir, step)
     abstract = jax.eval_shape(functools.partial(task.init_params, jax.random.PRNGKey(0)),
                               pipeline.dummy_batch(1))
@@ -66,96 +154,298 @@ class Generator:
           f"{workdir} (step {meta['step']}) does not match its own recorded model:\n  "
           + "\n  ".join(problems[:50]))
     params = jax.tree.map(jnp.asarray, params)
-    return cls(task=task, params=params, sampling=sampling,
-               source=f"{os.path.abspath(workdir)}@{meta['step']}")
+    return cls(task=task, params=params, sampling=sampling, window=int(window),
+               overlap=overlap, source=f"{os.path.abspath(workdir)}@{meta['step']}")
 
   @property
   def role(self) -> str:
     return GENERATING_PHASES[self.task.name]
 
-  def __call__(self, batch: dict, rng: jax.Array, num_samples: int = 1) -> dict:
-    """Generates for a batch (keys speaker_motion, listener_motion, speaker_audio, mask).
+  def __call__(self, batch: dict, rng: jax.Array, num_samples: int = 1,
+               start: str = "first_frame") -> dict:
+    """Generates whole clips for a batch of raw-unit inputs (padded to a common length).
 
-    Returns dict(motion [B, N, T, 56] float32 zero on padding, tokens [B, N, T] int32 or
-    None for the no-VQ ablation).
+    Args:
+      batch: speaker_audio [B, T, A], mask [B, T] (True on each clip's first frames),
+        speaker_motion [B, T, 56] (DIM-Listener's conditioning) and, with
+        start='first_frame', the target role's motion (`listener_motion` for DIM-Listener),
+        of which only frame 0 is read. Raw units; other keys are ignored.
+      rng: window k of sample n uses `fold_in(rng, k)` (rows of one call draw jointly).
+      num_samples: N samples per clip, one batch.
+      start: 'first_frame' (official: the ground truth's first frame seeds frame 0's
+        token) or 'none' (no ground truth at all; module docstring).
+
+    Returns:
+      dict(motion [B, N, T, 56] float32 raw units, zero on padding; tokens [B, N, T] int32
+      (zero on padding) and window_tokens [B, N, K, W] int32 (each window's tokens), both
+      None for the no-VQ ablation).
     """
-    inputs = {k: jnp.asarray(batch[k]) for k in
-              ("speaker_motion", "listener_motion", "speaker_audio", "mask")}
-    return _generate(self, self.params, inputs, rng, num_samples)
+    if start not in START_MODES:
+      raise ValueError(f"start={start!r}; expected one of {START_MODES}")
+    mask = jnp.asarray(batch["mask"], bool)
+    size, frames = mask.shape
+    windows = num_windows(frames, self.window, self.overlap)
+    pad = padded_length(windows, self.window, self.overlap) - frames
 
-  def __hash__(self):  # static jit argument: identity of the task and sampling settings.
-    return hash((self.task, self.sampling))
+    def padded(x):
+      x = jnp.asarray(x, jnp.float32)
+      return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+
+    # Only what the model may see enters the jitted function: DIM-Speaker is conditioned on
+    # audio alone, and of the target role's ground truth at most frame 0 is passed.
+    speaker = (batch["speaker_motion"] if self.role == "listener"
+               else jnp.zeros((size, frames, records.MOTION_DIM), jnp.float32))
+    first_frame = (jnp.asarray(batch[f"{self.role}_motion"], jnp.float32)[:, 0]
+                   if start == "first_frame"
+                   else jnp.zeros((size, records.MOTION_DIM), jnp.float32))
+    inputs = dict(speaker_motion=padded(speaker), speaker_audio=padded(batch["speaker_audio"]),
+                  mask=jnp.pad(mask, [(0, 0), (0, pad)]), first_frame=first_frame)
+    out = _generate(self, self.params, inputs, rng, jnp.asarray(start == "first_frame"),
+                    num_samples=num_samples, num_windows=windows)
+    out["motion"] = out["motion"][:, :, :frames]
+    if out["tokens"] is not None:
+      out["tokens"] = out["tokens"][:, :, :frames]
+    return out
+
+  def __hash__(self):  # static jit argument: identity of the task and generation settings.
+    return hash((self.task, self.sampling, self.window, self.overlap))
 
   def __eq__(self, other):
     return (isinstance(other, Generator) and self.task == other.task
-            and self.sampling == other.sampling)
+            and self.sampling == other.sampling and self.window == other.window
+            and self.overlap == other.overlap)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _generate(gen: Generator, params, batch: dict, rng: jax.Array, num_samples: int) -> dict:
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("num_samples", "num_windows"))
+def _generate(gen: Generator, params, inputs: dict, rng: jax.Array, use_first_frame: jax.Array,
+              *, num_samples: int, num_windows: int) -> dict:
+  """All windows of a padded batch in one `lax.scan` (module docstring); raw units in/out."""
   task, cfg = gen.task, gen.task.model.config
-  model = task.model
-  mask = batch["mask"]
-  dim_params = {"params": params["dim"]}
-  context = task.conditioning(params, batch)
-  target = batch[f"{gen.role}_motion"]
-  context, mask, target = sampler.repeat_for_samples((context, mask, target), num_samples)
+  model, norm = task.model, task.normalization
+  window, overlap = gen.window, gen.overlap
+  hop = window - overlap
+  mask = inputs["mask"]
+  if mask.shape[1] != padded_length(num_windows, window, overlap):
+    raise ValueError(f"{mask.shape[1]} frames do not fill {num_windows} windows")
+
+  def standardized(x, stream):
+    # As the training pipeline: standardised, then exactly 0 on padding.
+    x = x if norm is None else norm.normalize(x, stream)
+    return jnp.where(mask[..., None], x, 0.0)
+
+  speaker = standardized(inputs["speaker_motion"], "speaker_motion")
+  audio = standardized(inputs["speaker_audio"], "speaker_audio")
+  target_stream = f"{gen.role}_motion"
+  rows = mask.shape[0] * num_samples
   vq = task.speaker_vq if gen.role == "speaker" else task.listener_vq
   vq_params = {"params": params[f"{gen.role}_vq"]}
-  tokens = None
-  if cfg.output == "continuous":
-    motion = model.apply(dim_params, context, mask, mask, method=dim_lib.DIM.regress)
-    motion = jnp.where(mask[..., None], motion, 0.0)
-  else:
-    if cfg.parallel:
-      inputs = jnp.full(mask.shape, cfg.mask_token, jnp.int32)
-      logits = model.apply(dim_params, inputs, context, mask, None, mask,
-                           method=dim_lib.DIM.decode)
-      flat = sampler.sample_next(rng, logits.reshape(-1, logits.shape[-1]), gen.sampling)
-      tokens = flat.reshape(mask.shape)
+  dim_params = {"params": params["dim"]}
+  weights = jnp.asarray(crossfade_weights(num_windows, window, overlap))
+  in_window = lambda x, k: jax.lax.dynamic_slice_in_dim(x, k * hop, window, axis=1)
+  tokens_out = cfg.output == "tokens"
+  autoregressive = tokens_out and not cfg.parallel
+
+  if autoregressive:
+    # Frame 0's token: the VQ code of a still window at the ground truth's first frame (no
+    # later frame can reach it), or of a still window at the training mean (0 standardised,
+    # or raw 0 without normalization) when no ground truth is used.
+    frame0 = inputs["first_frame"]
+    frame0 = frame0 if norm is None else norm.normalize(frame0, target_stream)
+    still = jnp.where(use_first_frame, frame0, 0.0)
+    still = jnp.broadcast_to(still[:, None, :], (still.shape[0], window, still.shape[-1]))
+    first = vq.apply(vq_params, still, jnp.ones(still.shape[:2], bool),
+                     method=vqvae.VQVAE.encode)["tokens"][:, 0]
+    first = sampler.repeat_for_samples(first, num_samples)
+    offset = 1 if cfg.start == "start_token" else 0  # [start, frame tokens...] as trained.
+    length = window + offset
+    decoder = dim_lib.joint_decoder_module(cfg)
+    first_prompt = jnp.zeros((rows, length), jnp.int32).at[:, offset].set(first)
+    # With a start token, frame 0 is given only with start='first_frame'.
+    first_length = jnp.where(use_first_frame, 2, 1) if offset else 1
+
+  def body(carry, k):
+    previous, motion_sum, token_stream = carry
+    window_batch = dict(speaker_motion=in_window(speaker, k), speaker_audio=in_window(audio, k),
+                        mask=in_window(mask, k))
+    context = sampler.repeat_for_samples(task.conditioning(params, window_batch), num_samples)
+    window_mask = sampler.repeat_for_samples(window_batch["mask"], num_samples)
+    window_rng = jax.random.fold_in(rng, k)
+    tokens = None
+    if not tokens_out:
+      motion = model.apply(dim_params, context, window_mask, window_mask,
+                           method=dim_lib.DIM.regress)
+      motion = jnp.where(window_mask[..., None], motion, 0.0)
     else:
-      decoder = dim_lib.joint_decoder_module(cfg)
-      length = mask.shape[1]
-      if cfg.start == "start_token":
-        first = jnp.full(mask.shape[:1], cfg.start_token, jnp.int32)
+      if autoregressive:
+        # Later windows continue the token stream: prompted with the previous window's
+        # tokens of the overlap, they sample only their remaining frames.
+        continued = jnp.zeros((rows, length), jnp.int32).at[:, offset:offset + overlap].set(
+            previous[:, hop:])
+        prompt = jnp.where(k == 0, first_prompt, continued)
+        if offset:
+          prompt = prompt.at[:, 0].set(cfg.start_token)
+        prompt_length = jnp.where(k == 0, first_length, overlap + offset)
         tokens = sampler.generate_tokens(
-            decoder, params["dim"]["joint_decoder"], first_tokens=first, length=length + 1,
-            context=context, context_mask=mask, rng=rng, sampling=gen.sampling)[:, 1:]
-      else:  # official: the ground-truth first token seeds the sequence.
-        first = vq.apply(vq_params, target, mask, method=vqvae.VQVAE.encode)["tokens"][:, 0]
-        tokens = sampler.generate_tokens(
-            decoder, params["dim"]["joint_decoder"], first_tokens=first, length=length,
-            context=context, context_mask=mask, rng=rng, sampling=gen.sampling)
-    motion = vq.apply(vq_params, tokens, mask, method=vqvae.VQVAE.decode_tokens)
-    tokens = sampler.split_samples(jnp.where(mask, tokens, 0), num_samples)
-  return dict(motion=sampler.split_samples(motion, num_samples), tokens=tokens)
+            decoder, params["dim"]["joint_decoder"], prompt_tokens=prompt,
+            prompt_length=prompt_length, length=length, context=context,
+            context_mask=window_mask, rng=window_rng, sampling=gen.sampling)[:, offset:]
+      else:  # parallel: every window independently (trained with all positions masked).
+        masked = jnp.full(window_mask.shape, cfg.mask_token, jnp.int32)
+        logits = model.apply(dim_params, masked, context, window_mask, None, window_mask,
+                             method=dim_lib.DIM.decode)
+        tokens = sampler.sample_next(window_rng, logits.reshape(-1, logits.shape[-1]),
+                                     gen.sampling).reshape(window_mask.shape)
+      motion = vq.apply(vq_params, tokens, window_mask, method=vqvae.VQVAE.decode_tokens)
+      token_stream = jax.lax.dynamic_update_slice_in_dim(token_stream, tokens, k * hop, axis=1)
+    faded = in_window(motion_sum, k) + weights[k][None, :, None] * motion
+    motion_sum = jax.lax.dynamic_update_slice_in_dim(motion_sum, faded, k * hop, axis=1)
+    if tokens is None:
+      tokens = previous
+    return (tokens, motion_sum, token_stream), tokens
+
+  frames = mask.shape[1]
+  carry = (jnp.zeros((rows, window), jnp.int32),
+           jnp.zeros((rows, frames, records.MOTION_DIM), jnp.float32),
+           jnp.zeros((rows, frames), jnp.int32))
+  (_, motion, token_stream), window_tokens = jax.lax.scan(
+      body, carry, jnp.arange(num_windows, dtype=jnp.int32))
+  if norm is not None:
+    motion = norm.denormalize(motion, target_stream)
+  row_mask = sampler.repeat_for_samples(mask, num_samples)
+  motion = jnp.where(row_mask[..., None], motion, 0.0)
+  out = dict(motion=sampler.split_samples(motion, num_samples), tokens=None, window_tokens=None)
+  if tokens_out:
+    out["tokens"] = sampler.split_samples(jnp.where(row_mask, token_stream, 0), num_samples)
+    out["window_tokens"] = sampler.split_samples(jnp.moveaxis(window_tokens, 0, 1), num_samples)
+  return out
 
 
-def generate_clips(generator: Generator, dataset, num_samples: int,
-                   rng: jax.Array) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """Samples every clip of a windowed eval dataset; windows are reassembled per clip.
+def _clip_length(clip: dict) -> int:
+  return int(np.asarray(clip["speaker_audio"]).shape[0])
 
-  Batch i uses `fold_in(rng, i)`. Returns {clip_id: (samples [N, T, 56], truth [T, 56])} with
-  T the clip's full length (the target role's ground truth, for scoring).
+
+def _batch_of(clips: list[dict], size: int, frames: int, role: str, start: str) -> dict:
+  """Zero-padded raw arrays of `clips` plus empty filler rows up to `size` (one shape)."""
+  audio_dim = np.asarray(clips[0]["speaker_audio"]).shape[-1]
+  batch = dict(speaker_motion=np.zeros((size, frames, records.MOTION_DIM), np.float32),
+               speaker_audio=np.zeros((size, frames, audio_dim), np.float32),
+               mask=np.zeros((size, frames), bool))
+  if start == "first_frame":  # Only frame 0 of the ground truth is ever read.
+    batch[f"{role}_motion"] = np.zeros((size, 1, records.MOTION_DIM), np.float32)
+  for row, clip in enumerate(clips):
+    n = _clip_length(clip)
+    if role == "listener":
+      batch["speaker_motion"][row, :n] = clip["speaker_motion"]
+    batch["speaker_audio"][row, :n] = clip["speaker_audio"]
+    batch["mask"][row, :n] = True
+    if start == "first_frame":
+      batch[f"{role}_motion"][row, 0] = np.asarray(clip[f"{role}_motion"])[0]
+  return batch
+
+
+def generate_clips(generator: Generator, clips: list[dict], num_samples: int, rng: jax.Array,
+                   *, batch_size: int, start: str = "first_frame") -> dict[str, np.ndarray]:
+  """Samples every clip (dicts as `records.read_clips` returns, raw units) whole.
+
+  Clips are grouped by window count (ascending, in input order within a group) and batched
+  `batch_size` at a time, filler rows completing the last batch of a group, so there is one
+  compiled program per window count; batch i uses `fold_in(rng, i)`.
+
+  Returns:
+    {clip_id: samples [N, T, 56] float32 raw units}, T the clip's length.
   """
-  windows: dict[str, dict[int, np.ndarray]] = {}
-  truth: dict[str, dict[int, np.ndarray]] = {}
-  for batch_index, batch in enumerate(pipeline.as_numpy(iter(dataset))):
-    out = generator(batch, jax.random.fold_in(rng, batch_index), num_samples)
-    motion = np.asarray(jax.device_get(out["motion"]))
-    for row in np.flatnonzero(batch["example_mask"]):
-      clip = batch["clip_id"][row].decode("utf-8")
-      n = int(batch["length"][row])
-      index = int(batch["window_index"][row])
-      windows.setdefault(clip, {})[index] = motion[row, :, :n]
-      truth.setdefault(clip, {})[index] = batch[f"{generator.role}_motion"][row, :n]
-  clips = {}
-  for clip, parts in windows.items():
-    if sorted(parts) != list(range(len(parts))):
-      raise RuntimeError(f"clip {clip!r}: windows {sorted(parts)} are not consecutive")
-    clips[clip] = (np.concatenate([parts[i] for i in range(len(parts))], axis=1),
-                   np.concatenate([truth[clip][i] for i in range(len(parts))], axis=0))
-  return clips
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size}; expected >= 1")
+  ids = [clip["clip_id"] for clip in clips]
+  if len(set(ids)) != len(ids):
+    raise ValueError(f"clip ids repeat: {sorted({i for i in ids if ids.count(i) > 1})[:5]}")
+  groups: dict[int, list[dict]] = {}
+  for clip in clips:
+    count = num_windows(_clip_length(clip), generator.window, generator.overlap)
+    groups.setdefault(count, []).append(clip)
+  out, batch_index = {}, 0
+  for count in sorted(groups):
+    frames = padded_length(count, generator.window, generator.overlap)
+    members = groups[count]
+    for first in range(0, len(members), batch_size):
+      chunk = members[first:first + batch_size]
+      batch = _batch_of(chunk, batch_size, frames, generator.role, start)
+      result = generator(batch, jax.random.fold_in(rng, batch_index), num_samples, start=start)
+      motion = np.asarray(jax.device_get(result["motion"]))
+      for row, clip in enumerate(chunk):
+        out[clip["clip_id"]] = motion[row, :, :_clip_length(clip)]
+      batch_index += 1
+  return out
+
+
+def write_samples(out_dir: str, samples: dict[str, np.ndarray], num_samples: int, *,
+                  process_index: int = 0, process_count: int = 1) -> None:
+  """`<out_dir>/sample_<k>/<clip>.npy` ((T, 56) float32) for this process's share of clips."""
+  names = files.clip_filenames(list(samples))  # distinct ids never share a file
+  for k in range(num_samples):
+    os.makedirs(os.path.join(out_dir, f"sample_{k}"), exist_ok=True)
+  for i, (clip, stacked) in enumerate(samples.items()):
+    if i % process_count != process_index:
+      continue
+    for k in range(num_samples):
+      files.save_npy_atomic(os.path.join(out_dir, f"sample_{k}", names[clip]),
+                            np.asarray(stacked[k], np.float32))
+
+
+def seam_statistics(samples: np.ndarray, lengths: np.ndarray, window: int,
+                    overlap: int) -> dict[str, Any]:
+  """Frame-to-frame motion change at window seams versus inside windows.
+
+  A seam is where window k >= 1 takes over: the cross-fade frames t = k*hop .. k*hop +
+  overlap (every |x[t] - x[t-1]| that mixes the two windows' decodes; from t = k*hop +
+  overlap on, frames are window k's own samples). Per part (expression dims 6:56, pose 0:6),
+  `boundary` is the largest, over the offsets j = 0..overlap, of the mean absolute change
+  at t = k*hop + j (mean over samples, clips, seams and dims), so a jump at any single offset
+  is not diluted by the others; `boundary_mean` averages the whole seam; `inside` is the
+  mean over every other valid frame t >= 1; `ratio` = boundary / inside.
+
+  Args:
+    samples: [S, N, T, 56] generated motion (raw units), zero-padded.
+    lengths: [N] valid frames per clip.
+    window, overlap: the generation windows.
+
+  Returns:
+    dict(window, overlap, seams (count over clips), expression / pose: dict(boundary,
+    boundary_mean, inside, ratio, ratio_mean)); values None when no clip has a seam.
+  """
+  samples = np.asarray(samples, np.float64)
+  hop = window - overlap
+  change = np.abs(np.diff(samples, axis=2))  # [S, N, T-1, 56]: change[..., t-1] = |x[t]-x[t-1]|
+  by_offset = [[] for _ in range(overlap + 1)]
+  inside, seams = [], 0
+  for i, n in enumerate(np.asarray(lengths, int)):
+    seam_frames = set()
+    for k in range(1, num_windows(n, window, overlap)):
+      seams += 1
+      for j in range(overlap + 1):
+        t = k * hop + j
+        if t < n:
+          by_offset[j].append(change[:, i, t - 1])
+          seam_frames.add(t)
+    rest = [t for t in range(1, n) if t not in seam_frames]
+    inside.append(change[:, i, np.asarray(rest, int) - 1])
+  inside = np.concatenate([x.reshape(-1, records.MOTION_DIM) for x in inside]) if inside else (
+      np.zeros((0, records.MOTION_DIM)))
+  out: dict[str, Any] = dict(window=window, overlap=overlap, seams=seams)
+  for part, dims in (("expression", slice(6, records.MOTION_DIM)), ("pose", slice(0, 6))):
+    inside_mean = float(inside[:, dims].mean()) if inside.size else None
+    per_offset = [float(np.mean([x[:, dims].mean() for x in group])) for group in by_offset
+                  if group]
+    counts = [len(group) for group in by_offset if group]
+    if not per_offset or not inside_mean:
+      out[part] = dict(boundary=None, boundary_mean=None, inside=inside_mean, ratio=None,
+                       ratio_mean=None)
+      continue
+    boundary = max(per_offset)
+    boundary_mean = float(np.average(per_offset, weights=counts))
+    out[part] = dict(boundary=boundary, boundary_mean=boundary_mean, inside=inside_mean,
+                     ratio=boundary / inside_mean, ratio_mean=boundary_mean / inside_mean)
+  return out
 
 
 def run_generate(config, workdir: str) -> dict:
@@ -164,45 +454,51 @@ def run_generate(config, workdir: str) -> dict:
   sampling = sampler.SamplingConfig.from_config(gc.sampling)
   if int(gc.num_samples) < 1:
     raise ValueError(f"generate.num_samples={gc.num_samples}; expected >= 1")
+  start = gc.get("start", "first_frame")
+  if start not in START_MODES:
+    raise ValueError(f"generate.start={start!r}; expected one of {START_MODES}")
   if not config.init.model:
     raise ValueError("set init.model to the workdir of a finetune_listener / "
                      "finetune_speaker run")
-  generator = Generator.from_workdir(config.init.model, sampling)
+  generator = Generator.from_workdir(config.init.model, sampling, **window_settings(gc))
   data_dir = pipeline.ensure_data(config)
-  batch_size = int(gc.batch_size)
-  dataset = pipeline.make_dataset(
-      data_dir, gc.split, batch_size=batch_size, train=False, seed=int(config.seed),
-      bucket_boundaries=list(config.data.bucket_boundaries), max_len=int(config.data.max_len),
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      shuffle_buffer=1)
-  num_samples = int(gc.num_samples)
-  out_dir = os.path.join(workdir, "generated")
-  clips = generate_clips(generator, dataset, num_samples, jax.random.PRNGKey(int(gc.seed)))
+  clips = records.read_clips(data_dir, gc.split)
   if not clips:
     raise records.RecordError(f"{data_dir}: split {gc.split!r} has no clips to generate for")
+  num_samples = int(gc.num_samples)
+  out_dir = os.path.join(workdir, "generated")
+  # Every process generates every clip (the same numbers as one process) and writes its share.
+  samples = generate_clips(generator, clips, num_samples, jax.random.PRNGKey(int(gc.seed)),
+                           batch_size=int(gc.batch_size), start=start)
+  write_samples(out_dir, samples, num_samples, process_index=jax.process_index(),
+                process_count=jax.process_count())
   errors = {"pose_abs": 0.0, "expression_abs": 0.0, "pose_sq": 0.0, "expression_sq": 0.0,
             "frames": 0}
-  names = files.clip_filenames(list(clips))  # distinct ids never share a file
-  for k in range(num_samples):
-    os.makedirs(os.path.join(out_dir, f"sample_{k}"), exist_ok=True)
-  for clip, (stacked, target) in clips.items():
-    name = names[clip]
-    for k in range(num_samples):
-      files.save_npy_atomic(os.path.join(out_dir, f"sample_{k}", name), stacked[k].astype(np.float32))
-    diff = stacked - target[None]
+  for clip in clips:
+    diff = samples[clip["clip_id"]] - clip[f"{generator.role}_motion"][None]
     errors["pose_abs"] += float(np.abs(diff[..., :6]).sum())
     errors["expression_abs"] += float(np.abs(diff[..., 6:]).sum())
     errors["pose_sq"] += float(np.square(diff[..., :6]).sum())
     errors["expression_sq"] += float(np.square(diff[..., 6:]).sum())
     errors["frames"] += diff.shape[0] * diff.shape[1]
   frames = max(errors["frames"], 1)
+  model_cfg = generator.task.model.config
   summary = dict(
       role=generator.role, clips=len(clips), num_samples=num_samples, split=gc.split,
       source=generator.source, sampling=sampling.to_dict(), seed=int(gc.seed),
-      start=generator.task.model.config.start, decoding=generator.task.model.config.decoding,
+      start=model_cfg.start, ground_truth=start, window=generator.window,
+      window_overlap=generator.overlap, decoding=model_cfg.decoding,
+      normalized=generator.task.normalization is not None,
       pose_l1=errors["pose_abs"] / (frames * 6), expression_l1=errors["expression_abs"] / (frames * 50),
       pose_mse=errors["pose_sq"] / (frames * 6), expression_mse=errors["expression_sq"] / (frames * 50))
   if jax.process_index() == 0:
     files.write_json_atomic(os.path.join(out_dir, "sampling.json"), summary)
   logging.info("generated %d clips x %d samples into %s", len(clips), num_samples, out_dir)
   return summary
+
+
+def window_settings(phase_config) -> dict[str, Optional[int]]:
+  """`Generator.from_workdir` window arguments from `generate.*` / `evaluate.*` fields."""
+  window = int(phase_config.get("window", 0))
+  overlap = int(phase_config.get("window_overlap", -1))
+  return dict(window=window or None, overlap=None if overlap < 0 else overlap)

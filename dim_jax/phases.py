@@ -7,6 +7,7 @@ import os
 import jax
 
 from dim_jax import config_lib, errors, files
+from dim_jax.data import pipeline
 from dim_jax.training import dim_tasks, metric_writer, trainer, vq
 
 PHASES = ("vq", "pretrain", "finetune_listener", "finetune_speaker", "generate", "evaluate")
@@ -43,7 +44,8 @@ def run_dim(config, workdir: str, *, step_hooks=()) -> dict:
 
 def run_vq(config, workdir: str, *, step_hooks=()) -> dict:
   """Trains a tokenizer, then reports its best checkpoint's metrics on the validation split."""
-  task = vq.VQTask.from_config(config)
+  data_dir = pipeline.ensure_data(config)
+  task = vq.VQTask.from_config(config, pipeline.normalization_for(config, data_dir))
   result = trainer.train_and_evaluate(config, workdir, task, step_hooks=step_hooks)
   if result["preempted"]:
     # SIGTERM: the checkpoint is saved; the same command resumes and finishes the phase.

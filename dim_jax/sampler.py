@@ -23,9 +23,13 @@ module reproduces that in JAX (`SamplingConfig()` is that default):
   ground-truth first token; a model trained with a start token uses its id instead, which
   may be >= num_tokens when `TokenDecoder.num_input_tokens` has extra rows); positions
   1..length-1 are sampled one at a time, step t feeding token t-1 at index t-1 through
-  `TokenDecoder.decode_step` and drawing with `jax.random.fold_in(rng, t)`.  The returned
-  sequence includes position 0 (x-transformers returns only the new tokens: drop column 0 to
-  get that).  No eos handling (DIM generates fixed-length sequences).
+  `TokenDecoder.decode_step` and drawing with `jax.random.fold_in(rng, t)`.  A longer prompt
+  (`prompt_tokens` [B, P] with a possibly traced `prompt_length`, per row or shared) is fed
+  instead of the draws at positions t < prompt_length, in the same scan: one executable
+  whatever the prompt length (the sliding-window generation in `generate.py` prompts each
+  window with the model's own tokens of the overlap).  The returned sequence includes the
+  prompt (x-transformers returns only the new tokens: drop the prompt columns to get that).
+  No eos handling (DIM generates fixed-length sequences).
 * `generate_tokens_uncached`: the same loop recomputing the whole (causal) prefix with
   `TokenDecoder.__call__` every step; the slow reference used by tests.
 
@@ -206,7 +210,7 @@ def sample_next(rng: Array, logits: Array, sampling: SamplingConfig) -> Array:
 # Generation.
 
 
-def _check_generate_args(decoder: Any, first_tokens: Array, length: int) -> None:
+def _check_generate_args(decoder: Any, length: int) -> None:
   if not isinstance(length, (int, np.integer)) or length < 1:
     raise ValueError(f"length must be a positive int (static), got {length!r}")
   if length > decoder.max_seq_len:
@@ -216,70 +220,104 @@ def _check_generate_args(decoder: Any, first_tokens: Array, length: int) -> None
     raise ValueError(f"length {length} > decoder.max_seq_len {decoder.max_seq_len}")
   if not getattr(decoder, "causal", True):
     raise ValueError("autoregressive generation needs a causal decoder")
-  if first_tokens.ndim != 1:
-    raise ValueError(f"first_tokens must be [B], got shape {first_tokens.shape}")
 
 
-def generate_tokens(decoder: Any, decoder_params: Any, *, first_tokens: Array, length: int,
-                    context: Array, context_mask: Optional[Array], rng: Array,
-                    sampling: SamplingConfig) -> Array:
+def _prompt(first_tokens: Optional[Array], prompt_tokens: Optional[Array],
+            prompt_length: Any, length: int) -> tuple[Array, Array]:
+  """([B, length] int32 prompt buffer, [B] int32 prompt lengths >= 1) from either form."""
+  if (first_tokens is None) == (prompt_tokens is None):
+    raise ValueError("pass exactly one of first_tokens [B] and prompt_tokens [B, P]")
+  if first_tokens is not None:
+    if first_tokens.ndim != 1:
+      raise ValueError(f"first_tokens must be [B], got shape {first_tokens.shape}")
+    prompt_tokens, prompt_length = first_tokens[:, None], 1
+  if prompt_tokens.ndim != 2 or not 1 <= prompt_tokens.shape[1] <= length:
+    raise ValueError(f"prompt_tokens must be [B, P] with 1 <= P <= length={length}, got shape "
+                     f"{prompt_tokens.shape}")
+  batch, width = prompt_tokens.shape
+  if prompt_length is None:
+    prompt_length = width
+  # Traced lengths cannot be checked: position 0 is never sampled, so < 1 acts as 1.
+  prompt_length = jnp.maximum(jnp.broadcast_to(jnp.asarray(prompt_length, jnp.int32),
+                                               (batch,)), 1)
+  buffer = jnp.zeros((batch, length), jnp.int32).at[:, :width].set(
+      prompt_tokens.astype(jnp.int32))
+  return buffer, prompt_length
+
+
+def generate_tokens(decoder: Any, decoder_params: Any, *, first_tokens: Optional[Array] = None,
+                    length: int, context: Array, context_mask: Optional[Array], rng: Array,
+                    sampling: SamplingConfig, prompt_tokens: Optional[Array] = None,
+                    prompt_length: Any = None) -> Array:
   """Samples a [B, length] token sequence with a KV cache (one `lax.scan`).
 
   Args:
     decoder: a causal `TokenDecoder` (static under jit).
     decoder_params: its params, either the inner tree or {'params': tree}.
-    first_tokens: [B] int, token at position 0 (ground-truth first code or start-token id).
-    length: total sequence length including position 0 (static).
+    first_tokens: [B] int, token at position 0 (ground-truth first code or start-token id);
+      the same as `prompt_tokens=first_tokens[:, None]`.
+    length: total sequence length including the prompt (static).
     context: [B, M, dim] cross-attention memory.
     context_mask: [B, M] bool (True = valid frame) or None.
-    rng: PRNG key; position t (1 <= t < length) is drawn with `fold_in(rng, t)`.
+    rng: PRNG key; position t (1 <= t < length) is drawn with `fold_in(rng, t)` (also at
+      prompt positions, where the draw is discarded: a prompt does not shift the noise).
     sampling: `SamplingConfig` (static).
+    prompt_tokens: [B, P] int (1 <= P <= length), instead of `first_tokens`: positions
+      t < prompt_length are fed from it instead of being sampled.
+    prompt_length: int or [B] int array, may be traced (one compiled scan for every prompt
+      length); default P.  Values < 1 act as 1 (position 0 is always given).
 
   Returns:
-    [B, length] int32; column 0 is `first_tokens`.
+    [B, length] int32; positions t < prompt_length hold the prompt.
   """
-  _check_generate_args(decoder, first_tokens, length)
-  first_tokens = first_tokens.astype(jnp.int32)
+  _check_generate_args(decoder, length)
+  prompt, prompt_length = _prompt(first_tokens, prompt_tokens, prompt_length, length)
   if length == 1:
-    return first_tokens[:, None]
+    return prompt
   variables = _variables(decoder_params)
-  batch = first_tokens.shape[0]
+  batch = prompt.shape[0]
   # Only positions 0..length-2 are ever fed, so the cache needs length-1 slots.  float32
   # whatever decoder.dtype: attention casts K/V to the compute dtype as in `__call__`.
   cache = decoder.init_cache(batch, length - 1)
   # The context is fixed: project it to cross-attention K/V once, not at every token.
   cross_kv = decoder.apply(variables, context, method=type(decoder).precompute_cross)
 
-  def step(carry, t):
+  def step(carry, xs):
     cache, prev = carry
+    t, given = xs
     logits, cache = decoder.apply(variables, prev[:, None], t - 1, cache, context, context_mask,
                                   cross_kv, method=type(decoder).decode_step)
     token = sample_next(jax.random.fold_in(rng, t), logits[:, -1], sampling)
+    token = jnp.where(t < prompt_length, given, token)
     return (cache, token), token
 
   steps = jnp.arange(1, length, dtype=jnp.int32)
-  _, tokens = jax.lax.scan(step, (cache, first_tokens), steps)
-  return jnp.concatenate([first_tokens[:, None], tokens.T], axis=1)
+  _, tokens = jax.lax.scan(step, (cache, prompt[:, 0]), (steps, prompt[:, 1:].T))
+  return jnp.concatenate([prompt[:, :1], tokens.T], axis=1)
 
 
-def generate_tokens_uncached(decoder: Any, decoder_params: Any, *, first_tokens: Array,
-                             length: int, context: Array, context_mask: Optional[Array],
-                             rng: Array, sampling: SamplingConfig) -> Array:
+def generate_tokens_uncached(decoder: Any, decoder_params: Any, *,
+                             first_tokens: Optional[Array] = None, length: int,
+                             context: Array, context_mask: Optional[Array], rng: Array,
+                             sampling: SamplingConfig, prompt_tokens: Optional[Array] = None,
+                             prompt_length: Any = None) -> Array:
   """Reference for `generate_tokens` without a cache (same arguments and result).
 
   Every step runs the teacher-forced `__call__` on the whole fixed-size [B, length] buffer
-  and reads the logits at position t-1; causality makes the not-yet-written slots (zeros)
-  irrelevant.  O(length) full passes: for tests and as the documented slow path.
+  and reads the logits at position t-1; causality makes the not-yet-written slots (zeros,
+  or prompt tokens not yet reached) irrelevant.  O(length) full passes: for tests and as the
+  documented slow path.
   """
-  _check_generate_args(decoder, first_tokens, length)
-  first_tokens = first_tokens.astype(jnp.int32)
+  _check_generate_args(decoder, length)
+  buf, prompt_length = _prompt(first_tokens, prompt_tokens, prompt_length, length)
   variables = _variables(decoder_params)
-  buf = jnp.zeros((first_tokens.shape[0], length), jnp.int32).at[:, 0].set(first_tokens)
 
   def body(t, buf):
     logits = decoder.apply(variables, buf, context, context_mask)
     prev_logits = jax.lax.dynamic_index_in_dim(logits, t - 1, axis=1, keepdims=False)
     token = sample_next(jax.random.fold_in(rng, t), prev_logits, sampling)
+    given = jax.lax.dynamic_index_in_dim(buf, t, axis=1, keepdims=False)
+    token = jnp.where(t < prompt_length, given, token)
     return jax.lax.dynamic_update_index_in_dim(buf, token, t, axis=1)
 
   return jax.lax.fori_loop(1, length, body, buf)
@@ -294,16 +332,20 @@ _generate_uncached_jit = jax.jit(generate_tokens_uncached, **_STATIC)
 
 def make_generate_fn(decoder: Any, length: int, sampling: SamplingConfig, *,
                      cached: bool = True) -> Callable[..., Array]:
-  """Jitted `fn(decoder_params, first_tokens, context, context_mask, rng) -> [B, length]`.
+  """Jitted `fn(decoder_params, prompt, context, context_mask, rng, prompt_length=None)`.
 
-  Compiled once per (decoder, length, sampling, input shapes), shared across calls of
-  `make_generate_fn`; `cached=False` gives the uncached reference.
+  `prompt` is [B] first tokens or [B, P] prompt tokens (see `generate_tokens`); returns
+  [B, length].  Compiled once per (decoder, length, sampling, input shapes), shared across
+  calls of `make_generate_fn`; `cached=False` gives the uncached reference.
   """
   impl = _generate_jit if cached else _generate_uncached_jit
 
-  def fn(decoder_params, first_tokens, context, context_mask, rng):
-    return impl(decoder, decoder_params, first_tokens=first_tokens, length=length,
-                context=context, context_mask=context_mask, rng=rng, sampling=sampling)
+  def fn(decoder_params, prompt, context, context_mask, rng, prompt_length=None):
+    prompt = jnp.asarray(prompt)
+    given = (dict(first_tokens=prompt) if prompt.ndim == 1
+             else dict(prompt_tokens=prompt, prompt_length=prompt_length))
+    return impl(decoder, decoder_params, length=length, context=context,
+                context_mask=context_mask, rng=rng, sampling=sampling, **given)
 
   return fn
 

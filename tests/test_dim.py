@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from dim_jax import config_lib, phases
-from dim_jax.data import records, synthetic
+from dim_jax.data import pipeline, records, synthetic
 from dim_jax.evaluation import evaluate as evaluate_lib
 from dim_jax.evaluation import metrics as metrics_lib
 from dim_jax.models import dim as dim_lib
@@ -509,7 +509,7 @@ def write_vq_checkpoint(workdir, role, data_dir, seed):
   random weights: training the VQ phase is tests/test_training.py's job, and skipping it
   here keeps this file fast."""
   config = vq_chain_config(role, data_dir)
-  task = vq.VQTask.from_config(config)
+  task = vq.VQTask.from_config(config, pipeline.normalization_for(config, data_dir))
   batch = {f"{role}_motion": jnp.zeros((1, 8, 56)), "mask": jnp.ones((1, 8), bool)}
   params = random_params(jax.eval_shape(task.init_params, jax.random.PRNGKey(0), batch), seed)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=2)
@@ -566,7 +566,8 @@ def test_pretrain_loss_falls_through_the_trainer(chain):
   assert [m["step"] for m in train] == list(range(1, PRETRAIN_STEPS + 1))
   first = {k: np.mean([m[k] for m in train[:4]]) for k in train[0]}  # the first epoch
   last = {k: np.mean([m[k] for m in train[-4:]]) for k in train[0]}   # the last epoch
-  assert last["train/loss"] < 0.7 * first["train/loss"], (first, last)
+  # The continuous terms (random tokenizers' decodes on standardised motion) fall slower.
+  assert last["train/loss"] < 0.8 * first["train/loss"], (first, last)
   assert last["train/nce"] < 0.7 * first["train/nce"], (first, last)
   # Only ~15 % of the frames are targets, so the token CE is noisy over 40 steps; over the last
   # 10 steps the decoders must at least beat uniform guessing over the 16 codes.
@@ -993,10 +994,9 @@ def test_info_nce_gradient_is_finite_with_filler_rows():
 def _generate_config(data_dir, model_dir, num_samples, temperature, max_len=16):
   config = config_lib.generate_config()
   config.data.dir = data_dir
-  # 16-frame windows: the 20-40-frame test clips are generated in 2-3 windows and must be
-  # reassembled into one (T, 56) file each.
-  config.data.max_len = max_len
-  config.data.bucket_boundaries = (max_len,)
+  # 16-frame generation windows: the 20-40-frame test clips are generated as one continuous
+  # sequence over 2-3 sliding windows.
+  config.generate.window = max_len
   config.init.model = model_dir
   config.generate.num_samples = num_samples
   config.generate.batch_size = 4
@@ -1062,8 +1062,7 @@ def test_evaluate_scores_the_models_own_samples(chain, generated):
   gen_config = _generate_config(chain["data_dir"], str(chain["root"] / "unused"), 2, 1.0)
   config = config_lib.evaluate_config()
   config.data.dir = chain["data_dir"]
-  config.data.max_len = gen_config.data.max_len
-  config.data.bucket_boundaries = gen_config.data.bucket_boundaries
+  config.evaluate.window = gen_config.generate.window
   config.init.model = str(chain["root"] / "generate_finetune")
   config.evaluate.num_seeds = 2
   config.evaluate.best_of = 2

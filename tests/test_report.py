@@ -162,6 +162,31 @@ def test_report_states_the_frame_alignment():
     assert phrase in text[:text.index("## Headline")], alignment
 
 
+def test_variant_row_is_ranked_plain_and_explained_and_seams_are_reported():
+  results = _results()
+  variant = copy.deepcopy(results["methods"][0])
+  variant.update(name="DIM-Listener (no ground truth)", kind="variant")
+  variant["metrics"]["dim_compat"]["fd_expression"] = {"mean": 1.1, "std": 0.02}
+  results["methods"].insert(1, variant)
+  header, rows = _parse(report.format_table(results, "dim_compat"))
+  assert rows[1][0] == "DIM-Listener (no ground truth)"  # neither italic nor relabelled
+  # A variant competes for bold: its 1.1 beats the model's 1.23 (the oracle never counts).
+  assert report.best_methods(results, "dim_compat", "fd_expression") == {1}
+  assert rows[1][header.index("FD Exp ↓")].startswith("**")
+  results["seams"] = {"window": 64, "overlap": 16, "seams": 40,
+                      "expression": {"ratio": 1.234, "ratio_mean": 1.01},
+                      "pose": {"ratio": 0.98, "ratio_mean": 0.97}}
+  text = report.format_report(results)
+  intro = text[:text.index("## Headline")]
+  assert "Variant rows" in intro and "no ground truth" in intro
+  assert ("Window seams (windows of 64 frames overlapping by 16, cross-faded)" in intro
+          and "40 seams: expression 1.234 (whole seam 1.010), pose 0.9800" in intro)
+  results["seams"] = {"window": 64, "overlap": 16, "seams": 0}
+  assert "none, every clip fits one window" in report.format_report(results)
+  del results["seams"]
+  assert "Window seams" not in report.format_report(results)
+
+
 def test_report_without_plots_has_no_plot_section():
   results = _results()
   del results["plots"]
@@ -249,11 +274,13 @@ def test_trajectory_figure_plots_given_data():
   axes = fig.axes
   assert len(axes) == 5
   titles = [ax.get_title(loc="left") for ax in axes]
-  assert titles == ["expression 1 (col 7)", "expression 3 (col 9)", "head pitch (col 0)",
+  # Head pitch first: it is where the listener's nods show.
+  assert titles == ["head pitch (col 0): nods", "expression 1 (col 7)", "expression 3 (col 9)",
                     "head yaw (col 1)", "head roll (col 2)"]
   assert "clip_7" in fig.get_suptitle()
   seconds = np.arange(frames) / fps
-  for ax, col in zip(axes, (7, 9, 0, 1, 2)):
+  for ax, col in zip(axes, (0, 7, 9, 1, 2)):
+    assert not ax.patches  # No speaker_activity: no pause shading.
     lines = ax.get_lines()
     truth_line = [l for l in lines if l.get_label() == "ground-truth listener"]
     sample_lines = [l for l in lines if l.get_label().startswith("DIM-Listener sample")]
@@ -280,6 +307,58 @@ def test_trajectory_figure_rejects_bad_shapes():
                              expression_dims=(50,))
 
 
+def _span_x(patch):
+  """(left, right) data x of an axvspan patch (a Rectangle, or a Polygon before matplotlib 3.9)."""
+  xs = patch.get_patch_transform().transform(patch.get_path().vertices)[:, 0]
+  return xs.min(), xs.max()
+
+
+def test_trajectory_figure_shades_speaker_pauses_on_every_panel():
+  rng = np.random.default_rng(2)
+  frames, fps = 40, 25.0
+  truth, speaker = _motion(rng, frames), _motion(rng, frames)
+  activity = np.ones(frames)
+  activity[0:3] = 0.0    # A pause at the clip's start,
+  activity[10:15] = 0.2  # one inside (below the 0.5 threshold),
+  activity[20:22] = 0.6  # not a pause (above it),
+  activity[37:] = 0.0    # and one running to the end.
+  expected = [(0, 3), (10, 15), (37, 40)]
+  assert report.pause_intervals(activity) == expected
+  fig = report.trajectory_figure(clip_id="c", truth=truth, samples=_motion(rng, 2, frames),
+                                 speaker=speaker, fps=fps, speaker_activity=activity)
+  assert len(fig.axes) == 7
+  for i, ax in enumerate(fig.axes):
+    assert len(ax.patches) == len(expected), ax.get_title(loc="left")
+    for patch, (first, end) in zip(ax.patches, expected):
+      np.testing.assert_allclose(_span_x(patch), ((first - 0.5) / fps, (end - 0.5) / fps))
+      assert patch.get_zorder() < min(line.get_zorder() for line in ax.get_lines())
+    labels = [patch.get_label() for patch in ax.patches]
+    assert labels.count("speaker pause") == (1 if i == 0 else 0)
+  legend_texts = [t.get_text() for t in fig.legends[0].get_texts()]
+  assert legend_texts.count("speaker pause") == 1
+  with pytest.raises(ValueError, match="speaker_activity"):
+    report.trajectory_figure(clip_id="c", truth=truth, samples=truth[None], speaker=speaker,
+                             speaker_activity=activity[:-1])
+
+
+def test_speech_activity_from_jaw_matches_synthetic_speech():
+  from dim_jax.data import synthetic
+  clip = synthetic.generate_clip(np.random.default_rng(0), 300, return_latents=True)
+  speaking = clip["latents"]["speaking"]
+  assert 0.1 < speaking.mean() < 0.9  # The clip has both speech and pauses.
+  activity = report.speech_activity_from_jaw(clip["speaker_motion"], clip["fps"])
+  assert activity.shape == (300,) and set(np.unique(activity)) <= {0.0, 1.0}
+  assert (activity == speaking).mean() >= 0.85
+  # Jaw range, relative threshold: a jaw offset (held open) and a scale (normalised data) do
+  # not change the answer.
+  moved = np.array(clip["speaker_motion"], dtype=np.float64)
+  moved[:, 3] = 3.0 * moved[:, 3] + 0.7
+  np.testing.assert_array_equal(report.speech_activity_from_jaw(moved, clip["fps"]), activity)
+  # A jaw that never moves tells nothing: no frame is called a pause.
+  moved[:, 3] = 0.1
+  np.testing.assert_array_equal(report.speech_activity_from_jaw(moved, 30.0), np.ones(300))
+
+
 def _check_png(path, width, height):
   with open(path, "rb") as f:
     assert f.read(8) == PNG_SIGNATURE
@@ -294,8 +373,8 @@ def test_plot_trajectories_writes_png(tmp_path):
   path = tmp_path / "traj.png"
   report.plot_trajectories(str(path), clip_id="clip_0", truth=_motion(rng, 30),
                            samples=_motion(rng, 2, 30), speaker=_motion(rng, 30))
-  # 4 expression + 3 pose channels: 10 x (1.7 * 7 + 0.9) inches at dpi 100.
-  _check_png(path, 1000, 1280)
+  # Pitch (double height) + 4 expression + yaw + roll: 10 x (1.05 * 8 + 1.2) inches at dpi 100.
+  _check_png(path, 1000, 960)
   assert os.listdir(tmp_path) == ["traj.png"]
 
 

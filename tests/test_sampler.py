@@ -94,6 +94,64 @@ def test_cached_greedy_equals_uncached(use_abs_pos_emb, length):
       assert len(set(row[1:].tolist())) > 1, row
 
 
+PROMPT = jnp.array([[0, 5, 11, 7, 2, 19], [3, 3, 8, 1, 0, 4], [12, 6, 6, 9, 23, 1]], jnp.int32)
+
+
+def test_prompt_positions_hold_the_prompt_and_cached_equals_uncached():
+  # Per-row prompt lengths (traced): rows get 6, 1 and 4 given tokens; the rest is sampled.
+  dec, params, ctx, mask = _setup(True)
+  rng = jax.random.PRNGKey(3)
+  lengths = jnp.array([6, 1, 4], jnp.int32)
+  fast = gen.make_generate_fn(dec, 20, GREEDY)
+  slow = gen.make_generate_fn(dec, 20, GREEDY, cached=False)
+  cached = np.asarray(fast(params, PROMPT, ctx, mask, rng, prompt_length=lengths))
+  np.testing.assert_array_equal(cached, slow(params, PROMPT, ctx, mask, rng,
+                                             prompt_length=lengths))
+  for row, n in enumerate([6, 1, 4]):
+    np.testing.assert_array_equal(cached[row, :n], np.asarray(PROMPT)[row, :n])
+  # Greedy continuation of the prompt: the teacher-forced pass predicts every token after it
+  # from its prefix, so positions >= prompt_length really are sampled from the model.
+  logits = jax.jit(dec.apply)({"params": params}, jnp.asarray(cached), ctx, mask)
+  predicted = np.argmax(np.asarray(logits[:, :-1]), -1)
+  for row, n in enumerate([6, 1, 4]):
+    np.testing.assert_array_equal(predicted[row, n - 1:], cached[row, n:])
+  # Row 0's given tokens are not what greedy sampling would have produced (not vacuous).
+  free = np.asarray(fast(params, PROMPT[:, :1], ctx, mask, rng))
+  assert not np.array_equal(free[0, :6], cached[0, :6])
+  # A prompt of length 1 is the first_tokens API, bit for bit; the same executable serves
+  # every traced prompt length.
+  np.testing.assert_array_equal(np.asarray(fast(params, PROMPT, ctx, mask, rng,
+                                                prompt_length=jnp.ones(3, jnp.int32))), free)
+
+
+def test_prompt_with_sampling_keeps_the_noise_of_each_position():
+  # The draw of position t uses fold_in(rng, t) whether or not earlier positions were given:
+  # a prompt equal to the tokens sampled without it reproduces the same continuation.
+  dec, params, ctx, mask = _setup(True)
+  sampling = gen.SamplingConfig()
+  fn = gen.make_generate_fn(dec, 16, sampling)
+  rng = jax.random.PRNGKey(8)
+  free = np.asarray(fn(params, FIRST, ctx, mask, rng))
+  prompted = np.asarray(fn(params, jnp.asarray(free), ctx, mask, rng, prompt_length=5))
+  np.testing.assert_array_equal(prompted, free)
+  slow = gen.make_generate_fn(dec, 16, sampling, cached=False)
+  other = jnp.asarray(np.roll(free, 1, axis=0))
+  np.testing.assert_array_equal(fn(params, other, ctx, mask, rng, prompt_length=5),
+                                slow(params, other, ctx, mask, rng, prompt_length=5))
+
+
+def test_prompt_arguments_are_checked():
+  dec, params, ctx, mask = _setup(True)
+  kwargs = dict(length=8, context=ctx, context_mask=mask, rng=jax.random.PRNGKey(0),
+                sampling=GREEDY)
+  with pytest.raises(ValueError, match="exactly one"):
+    gen.generate_tokens(dec, params, first_tokens=FIRST, prompt_tokens=PROMPT, **kwargs)
+  with pytest.raises(ValueError, match="exactly one"):
+    gen.generate_tokens(dec, params, **kwargs)
+  with pytest.raises(ValueError, match="P <= length"):
+    gen.generate_tokens(dec, params, prompt_tokens=jnp.zeros((3, 9), jnp.int32), **kwargs)
+
+
 def test_length_one_and_too_long():
   dec, params, ctx, mask = _setup(True)
   out = gen.generate_tokens(dec, params, first_tokens=FIRST, length=1, context=ctx,

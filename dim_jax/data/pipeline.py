@@ -44,13 +44,14 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import jax
 import numpy as np
 import tensorflow as tf
 
 from dim_jax import errors
+from dim_jax.data import normalization as normalization_lib
 from dim_jax.data import records
 
 STREAMS = tuple(records.STREAM_WIDTHS)
@@ -98,6 +99,17 @@ def _windows(max_len: int):
     return windows.map(lambda index: window(tf.cast(index, tf.int32)))
 
   return split
+
+
+def _standardize(stats: normalization_lib.Normalization):
+  """Returns a map function standardising every stream of a decoded clip."""
+  means = {s: tf.constant(stats.mean(s)) for s in STREAMS}
+  stds = {s: tf.constant(stats.std(s)) for s in STREAMS}
+
+  def standardize(clip):
+    return {**clip, **{s: (clip[s] - means[s]) / stds[s] for s in STREAMS}}
+
+  return standardize
 
 
 def _bucket_index(boundaries: tf.Tensor, length: tf.Tensor) -> tf.Tensor:
@@ -163,7 +175,9 @@ def _check_arguments(batch_size: int, bucket_boundaries: Sequence[int], max_len:
 def make_dataset(data_dir: str, split: str, *, batch_size: int, train: bool, seed: int,
                  bucket_boundaries: Sequence[int], max_len: int,
                  process_index: int = 0, process_count: int = 1,
-                 shuffle_buffer: int = 1024) -> tf.data.Dataset:
+                 shuffle_buffer: int = 1024,
+                 normalization: Optional[normalization_lib.Normalization] = None
+                 ) -> tf.data.Dataset:
   """Builds this host's dataset of padded, length-bucketed batches (see module docstring).
 
   Args:
@@ -176,6 +190,8 @@ def make_dataset(data_dir: str, split: str, *, batch_size: int, train: bool, see
     max_len: longest window in frames (>= 3); longer clips are split into windows.
     process_index, process_count: this host and the number of hosts.
     shuffle_buffer: windows in the shuffle buffer.
+    normalization: statistics that standardise each stream per dimension (padding stays
+      exactly 0, as it is added afterwards); None keeps raw features.
 
   Returns:
     A ``tf.data.Dataset`` of batch dicts; iterate it through ``as_numpy``.
@@ -216,6 +232,9 @@ def make_dataset(data_dir: str, split: str, *, batch_size: int, train: bool, see
     dataset = dataset.shard(process_count, process_index)
   dataset = dataset.map(records.decode_record, num_parallel_calls=tf.data.AUTOTUNE,
                         deterministic=True)
+  if normalization is not None:
+    dataset = dataset.map(_standardize(normalization), num_parallel_calls=tf.data.AUTOTUNE,
+                          deterministic=True)
   dataset = dataset.flat_map(_windows(max_len))
   if train:
     # A different stream than the file shuffle, so the two permutations are unrelated.
@@ -290,12 +309,21 @@ def ensure_data(config) -> str:
   return data_dir
 
 
+def normalization_for(config, data_dir: str) -> Optional[normalization_lib.Normalization]:
+  """The statistics a run standardises with (`data.normalize`), None for raw features."""
+  scope = config.data.get("normalize", "part")
+  if scope == "none":
+    return None
+  return normalization_lib.for_dataset(data_dir).with_scope(scope)
+
+
 def make_split_dataset(config, data_dir: str, split: str, *, train: bool, batch_size: int):
   return make_dataset(
       data_dir, split, batch_size=batch_size, train=train, seed=int(config.seed),
       bucket_boundaries=list(config.data.bucket_boundaries), max_len=int(config.data.max_len),
       process_index=jax.process_index(), process_count=jax.process_count(),
-      shuffle_buffer=int(config.data.shuffle_buffer))
+      shuffle_buffer=int(config.data.shuffle_buffer),
+      normalization=normalization_for(config, data_dir))
 
 
 def dummy_batch(batch_size: int, frames: int = 8) -> dict[str, np.ndarray]:

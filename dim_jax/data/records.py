@@ -48,6 +48,7 @@ import numpy as np
 import tensorflow as tf
 
 from dim_jax import errors, files
+from dim_jax.data import normalization
 
 SCHEMA_VERSION = 1
 POSE_DIM = 6
@@ -242,6 +243,8 @@ def write_split(data_dir: str, split: str, clips: Iterable[Mapping[str, Any]],
     shard_frames = [0] * num_shards
     seen_ids: set[str] = set()
     fps_values: set[float] = set()
+    # The training split's per-dimension moments become the dataset's normalization.
+    moments = normalization.MomentAccumulator() if split == normalization.STATS_SPLIT else None
     count = 0
     for index, clip in enumerate(clips):
       shard = index % num_shards
@@ -253,6 +256,8 @@ def write_split(data_dir: str, split: str, clips: Iterable[Mapping[str, Any]],
       seen_ids.add(clip["clip_id"])
       fps_values.add(float(np.float32(clip["fps"])))
       writers[shard].write(_serialize(clip, streams))
+      if moments is not None:
+        moments.add(streams)
       shard_clips[shard] += 1
       shard_frames[shard] += next(iter(streams.values())).shape[0]
       count = index + 1
@@ -283,6 +288,8 @@ def write_split(data_dir: str, split: str, clips: Iterable[Mapping[str, Any]],
                      "audio": AUDIO_DIM},
             "splits": {}}
   info["splits"][split] = entry
+  if moments is not None:
+    info[normalization.INFO_KEY] = moments.result(split).to_json()
   all_fps = {fps for split_info in info["splits"].values() for fps in split_info["fps"]}
   info["fps"] = all_fps.pop() if len(all_fps) == 1 else None
   files.write_text_atomic(info_path, json.dumps(info, indent=2, sort_keys=True) + "\n")

@@ -10,6 +10,14 @@ Protocol (where we deliberately differ from the official evaluation, README "Dif
     sampling seeds.  The official code keeps, per clip, the best of 10 samples by FD to the
     ground truth over all 56 dims (`best_of_samples`); that oracle is reported only as a
     labelled diagnostic row (`evaluate.best_of`).
+  * Generation (dim_jax/generate.py): every clip whole, as one sliding-window token stream
+    (windows of the model's training length overlapping by `evaluate.window_overlap`, later
+    windows continuing from the model's own tokens, cross-faded), inputs and outputs in raw
+    units. The headline row sees the partner's motion and audio plus the target's first
+    ground-truth frame, as the official protocol (start='first_frame'); with
+    `evaluate.no_ground_truth_row` a "(no ground truth)" row (kind "variant") sees no ground
+    truth at all (start='none'). `results["seams"]` compares the frame-to-frame change of the
+    headline samples at window seams with that inside windows (`generate.seam_statistics`).
   * Baselines (dim_jax/evaluation/baselines.py) are methods of the same evaluation, fitted on
     `evaluate.train_split` only.  Random runs over the same seeds as the model.
   * Metrics (dim_jax/evaluation/metrics.py) under both protocols: `dim_compat` (official
@@ -56,32 +64,37 @@ MODEL_NAMES = {"listener": "DIM-Listener", "speaker": "DIM-Speaker"}
 OTHER_ROLE = {"listener": "speaker", "speaker": "listener"}
 
 
-def _model_samples(config, data_dir: str, role: str, clips: list[dict], num_samples: int):
-  """Samples of the fine-tuned model for every clip: [S, N, T_max, 56] plus its source."""
+def _model_samples(config, role: str, clips: list[dict], num_samples: int):
+  """Samples of the fine-tuned model for every clip, per start mode.
+
+  Returns ({start: [S, N, T_max, 56] raw units}, settings, generator): 'first_frame' always
+  (the headline), 'none' too with `evaluate.no_ground_truth_row`.
+  """
   from dim_jax import generate  # pylint: disable=g-import-not-at-top
   ec = config.evaluate
   generator = generate.Generator.from_workdir(
-      config.init.model, sampler.SamplingConfig.from_config(ec.sampling))
+      config.init.model, sampler.SamplingConfig.from_config(ec.sampling),
+      **generate.window_settings(ec))
   if generator.role != role:
     raise ValueError(f"{config.init.model} generates {generator.role} motion; "
                      f"evaluate.role={role!r}")
+  starts = ["first_frame"] + (["none"] if bool(ec.get("no_ground_truth_row", True)) else [])
+  samples = {}
   # Every process generates every clip (same seeds), so the metrics see the whole split.
-  dataset = pipeline.make_dataset(
-      data_dir, ec.split, batch_size=int(ec.batch_size), train=False, seed=int(config.seed),
-      bucket_boundaries=list(config.data.bucket_boundaries), max_len=int(config.data.max_len),
-      process_index=0, process_count=1, shuffle_buffer=1)
-  generated = generate.generate_clips(generator, dataset, num_samples,
-                                      jax.random.PRNGKey(int(ec.seed)))
-  per_clip = []
-  for clip in clips:
-    if clip["clip_id"] not in generated:
-      raise RuntimeError(f"clip {clip['clip_id']!r} of split {ec.split!r} was not generated")
-    per_clip.append(generated[clip["clip_id"]][0])  # [S, T, 56]
-  samples = np.stack([pad_clips([c[k] for c in per_clip])[0] for k in range(num_samples)])
+  for start in starts:
+    generated = generate.generate_clips(generator, clips, num_samples,
+                                        jax.random.PRNGKey(int(ec.seed)),
+                                        batch_size=int(ec.batch_size), start=start)
+    per_clip = [generated[clip["clip_id"]] for clip in clips]  # [S, T, 56] each
+    samples[start] = np.stack([pad_clips([c[k] for c in per_clip])[0]
+                               for k in range(num_samples)])
+    num_samples = min(num_samples, int(ec.num_seeds))  # the oracle row is headline-only
   settings = dict(source=generator.source, sampling=generator.sampling.to_dict(),
                   start=generator.task.model.config.start,
-                  decoding=generator.task.model.config.decoding)
-  return samples, settings
+                  decoding=generator.task.model.config.decoding,
+                  window=generator.window, window_overlap=generator.overlap,
+                  normalized=generator.task.normalization is not None)
+  return samples, settings, generator
 
 
 # Why a dtype is refused (`_load_prediction`); any other non-float dtype is "not numeric".
@@ -269,15 +282,26 @@ def run_evaluate(config, workdir: str) -> dict:
                                   best_of=best_of, seed=int(ec.seed), data_dir=data_dir,
                                   alignment=alignment)
   num_samples = max(num_seeds, best_of)
+  no_ground_truth, seams = None, None
+  model_note = f"one sample per clip; mean ± std over {num_seeds} sampling seed(s)"
   if ec.predictions:
     samples = load_predictions(ec.predictions, clips, truth.shape[1], split=ec.split)
     num_seeds = min(num_seeds, samples.shape[0])
     settings.update(predictions=os.path.abspath(ec.predictions), num_seeds=num_seeds)
     model_name = ec.method_name or "predictions"
   else:
-    samples, model_settings = _model_samples(config, data_dir, role, clips, num_samples)
+    by_start, model_settings, generator = _model_samples(config, role, clips, num_samples)
+    samples, no_ground_truth = by_start["first_frame"], by_start.get("none")
     settings.update(model_settings)
     model_name = ec.method_name or MODEL_NAMES[role]
+    conditioning = ("the speaker's motion and audio" if role == "listener"
+                    else "the speaker's audio")
+    model_note += (f"; uses {conditioning} plus the {role}'s first ground-truth frame, as the "
+                   "official protocol; windows after the first continue from the model's own "
+                   "tokens")
+    from dim_jax import generate  # pylint: disable=g-import-not-at-top
+    seams = generate.seam_statistics(samples[:num_seeds], lengths, generator.window,
+                                     generator.overlap)
 
   clusters = metrics_lib.fit_clusters(truth, lengths, seed=int(ec.kmeans_seed),
                                       clip_ids=clip_ids, alignment=alignment)
@@ -292,10 +316,15 @@ def run_evaluate(config, workdir: str) -> dict:
                   metrics={p: _summarise([metrics_lib.reference_metrics(
                       truth, lengths, protocol=p, clusters=clusters, alignment=alignment)])
                            for p in protocols})]
-  methods.append(_method(
-      model_name, "model",
-      f"one sample per clip; mean ± std over {num_seeds} sampling seed(s)",
-      [samples[k] for k in range(num_seeds)], score))
+  methods.append(_method(model_name, "model", model_note,
+                         [samples[k] for k in range(num_seeds)], score))
+  if no_ground_truth is not None:
+    methods.append(_method(
+        f"{model_name} (no ground truth)", "variant",
+        f"one sample per clip; mean ± std over {num_seeds} sampling seed(s); no ground truth "
+        "at all: frame 0 from the model's start token, or the code of the training-mean "
+        "motion (generate.start='none')",
+        [no_ground_truth[k] for k in range(num_seeds)], score))
   if best_of and samples.shape[0] >= 2:
     n = min(best_of, samples.shape[0])
     methods.append(_method(
@@ -329,6 +358,8 @@ def run_evaluate(config, workdir: str) -> dict:
   results = dict(protocols=list(protocols), headline_protocol=protocols[0], split=ec.split,
                  clips=len(clips), frames=int(lengths.sum()), settings=settings,
                  methods=methods)
+  if seams is not None:
+    results["seams"] = seams
   if jax.process_index() == 0:
     results["plots"] = _plots(workdir, results, clips, truth, samples[:num_seeds], partner,
                               lengths, int(ec.plot_clips), model_name)
@@ -343,13 +374,18 @@ def _plots(workdir: str, results: dict, clips: list[dict], truth: np.ndarray,
   plot_dir = os.path.join(workdir, "plots")
   os.makedirs(plot_dir, exist_ok=True)
   paths = []
+  # Shade the speaker's pauses (heuristic from their jaw, `speech_activity_from_jaw`), so the
+  # plots show whether the listener nods after them. The speaker is the target itself when
+  # evaluating the speaker role.
+  speaker_motion = truth if results["settings"].get("role") == "speaker" else partner
   for i in range(min(num_clips, len(clips))):
     n = int(lengths[i])
     name = "trajectories_" + files.clip_filename(clips[i]["clip_id"])[:-4] + ".png"
+    activity = report_lib.speech_activity_from_jaw(speaker_motion[i, :n], clips[i]["fps"])
     report_lib.plot_trajectories(
         os.path.join(plot_dir, name), clip_id=clips[i]["clip_id"], truth=truth[i, :n],
         samples=samples[:, i, :n], speaker=partner[i, :n], fps=clips[i]["fps"],
-        method_name=model_name)
+        method_name=model_name, speaker_activity=activity)
     paths.append(os.path.join("plots", name))
   for protocol in results["protocols"]:
     name = f"metrics_{protocol}.png"

@@ -4,9 +4,14 @@ Input is the plain, JSON-serialisable ``results`` dict of the evaluation phase::
 
   {"protocols": [...], "headline_protocol": "dim_compat", "split": "test", "clips": 32,
    "frames": 12345, "settings": {...}, "plots": ["plots/a.png", ...],  # plots optional
-   "methods": [{"name": ..., "kind": "model" | "baseline" | "reference" | "diagnostic",
+   "methods": [{"name": ..., "kind": "model" | "variant" | "baseline" | "reference" |
+                        "diagnostic",
                 "runs": 3, "note": ...,
-                "metrics": {protocol: {metric_key: {"mean": m, "std": s, "values": [...]}}}}]}
+                "metrics": {protocol: {metric_key: {"mean": m, "std": s, "values": [...]}}}}],
+   "seams": {...}}  # optional: `generate.seam_statistics` of the model's samples
+
+A "variant" row is another way of running the model (e.g. without any ground truth); it is
+ranked with the model and the baselines, but only the first "model" row is the headline.
 
 Plots are drawn on ``matplotlib.figure.Figure`` with the Agg canvas directly: no pyplot global
 state (figure registry, backend switching), so this module is safe to call from training code
@@ -50,8 +55,9 @@ _PARTS = (("expression", "Exp"), ("pose", "Pose"))
 DIAGNOSTIC_LABEL = "(oracle, diagnostic)"
 MISSING = "—"
 # Only these kinds compete for the bold "best" mark: a reference row is the target itself and a
-# diagnostic row (best-of-N against ground truth) has seen the answer.
-_RANKED_KINDS = ("model", "baseline")
+# diagnostic row (best-of-N against ground truth) has seen the answer. A variant (the model
+# run without ground truth) is an honest method of its own.
+_RANKED_KINDS = ("model", "variant", "baseline")
 
 _PROTOCOL_DESCRIPTIONS = {
     "dim_compat": (
@@ -205,6 +211,26 @@ def _md_link_target(path: str) -> str:
   return f"<{path}>" if any(c.isspace() for c in path) else path
 
 
+def format_seams(seams: Mapping[str, Any] | None) -> str:
+  """One sentence on window seams (`generate.seam_statistics`), or '' without any."""
+  if not seams:
+    return ""
+  head = (f"Window seams (windows of {seams['window']} frames overlapping by "
+          f"{seams['overlap']}, cross-faded): ")
+  if not seams.get("seams"):
+    return head + "none, every clip fits one window."
+  parts = []
+  for part in ("expression", "pose"):
+    entry = seams.get(part) or {}
+    if entry.get("ratio") is None:
+      parts.append(f"{part} {MISSING}")
+      continue
+    parts.append(f"{part} {format_value(entry['ratio'])} (whole seam "
+                 f"{format_value(entry['ratio_mean'])})")
+  return (head + f"mean frame-to-frame change at the worst seam frame / inside windows, over "
+          f"{seams['seams']} seams: " + ", ".join(parts) + ".")
+
+
 def format_report(results: Results) -> str:
   """Returns the whole `report.md` text: intro, one table per protocol, plots, settings."""
   headline = results["headline_protocol"]
@@ -226,9 +252,16 @@ def format_report(results: Results) -> str:
         "over all 56 dims: it is an oracle that has seen the answer, shown as a diagnostic only "
         "and not comparable with the other rows (it is what the official evaluation code "
         "reports).")
+  if any(m.get("kind") == "variant" for m in methods):
+    intro += (
+        " Variant rows run the same model differently (\"no ground truth\": frame 0 from the "
+        "model itself instead of the listener's first ground-truth frame); see Rows.")
   alignment = (results.get("settings") or {}).get("alignment")
   if alignment in _ALIGNMENT_DESCRIPTIONS:
     intro += " " + _ALIGNMENT_DESCRIPTIONS[alignment]
+  seams = format_seams(results.get("seams"))
+  if seams:
+    intro += " " + seams
 
   out = ["# DIM-Listener evaluation report", "", intro, ""]
   for i, protocol in enumerate(protocols):
@@ -293,21 +326,85 @@ def _save_png(fig: Figure, path: str, dpi: float) -> None:
   files.atomic_write_bytes(path, buffer.getvalue())
 
 
+JAW_OPEN_COLUMN = 3  # Motion column of the jaw opening (pose 3), used for speech activity.
+PITCH_TITLE = "head pitch (col 0): nods"
+PAUSE_LABEL = "speaker pause"
+PAUSE_COLOR = "0.85"  # Light grey: the pause shading stays behind every curve.
+
+
+def speech_activity_from_jaw(speaker_motion: Any, fps: float = 30.0, *,
+                             window_seconds: float = 0.2,
+                             threshold_fraction: float = 0.3) -> np.ndarray:
+  """Heuristic speech activity of a speaker from their jaw opening: 1.0 speaking, 0.0 pause.
+
+  Every dataset has the speaker's jaw (motion column 3) but not always usable audio, and the
+  jaw moves when one speaks: syllables open and close it several times a second, while in a
+  pause it rests. The score of frame t is the range (max - min) of the jaw opening over a
+  centred window of ``window_seconds`` (0.2 s: about one syllable, so a closed jaw between two
+  syllables still scores high; a constant offset such as a jaw held open scores zero). A frame
+  counts as speaking when its score exceeds ``threshold_fraction`` of the clip's score range,
+  measured between the 5th and 95th percentiles so a single tracking glitch does not set it.
+  This is a heuristic, not voice activity detection: chewing or a laugh reads as speech, and a
+  speaker talking with a barely moving jaw reads as a pause. On the synthetic data
+  (`dim_jax.data.synthetic`) it agrees with the true speech mask on about 94 % of frames.
+
+  Args:
+    speaker_motion: [T, 56] speaker motion.
+    fps: frame rate of the clip.
+    window_seconds: width of the centred window of the jaw range (rounded to an odd number of
+      frames, at least 1).
+    threshold_fraction: in [0, 1]; the speaking threshold as a fraction of the score range.
+
+  Returns:
+    [T] float64 of 0.0 (pause) and 1.0 (speaking). All ones when the jaw never moves within
+    the clip (nothing to tell pauses by: no frame is called a pause).
+  """
+  motion = np.asarray(speaker_motion, dtype=np.float64)
+  if motion.ndim != 2 or motion.shape[1] != MOTION_DIM:
+    raise ValueError(f"speaker_motion: expected [frames, {MOTION_DIM}], got {motion.shape}")
+  if fps <= 0 or window_seconds <= 0:
+    raise ValueError(f"fps and window_seconds must be positive, got {fps}, {window_seconds}")
+  if not 0.0 <= threshold_fraction <= 1.0:
+    raise ValueError(f"threshold_fraction must be in [0, 1], got {threshold_fraction}")
+  jaw = motion[:, JAW_OPEN_COLUMN]
+  if jaw.shape[0] == 0:
+    return np.zeros(0)
+  width = max(1, int(round(window_seconds * fps))) | 1  # Odd: centred on the frame.
+  windows = np.lib.stride_tricks.sliding_window_view(np.pad(jaw, width // 2, mode="edge"), width)
+  score = windows.max(axis=1) - windows.min(axis=1)
+  low, high = np.percentile(score, (5.0, 95.0))
+  if not high > low:
+    return np.ones(jaw.shape[0])
+  return (score > low + threshold_fraction * (high - low)).astype(np.float64)
+
+
+def pause_intervals(activity: Any, threshold: float = 0.5) -> list[tuple[int, int]]:
+  """Runs of frames with ``activity < threshold`` as ``(first, end)`` frames, end exclusive."""
+  paused = np.asarray(activity, dtype=np.float64) < threshold
+  edges = np.diff(np.concatenate([[0], paused.astype(np.int8), [0]]))
+  return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()))
+
+
 def trajectory_channels(expression_dims: Sequence[int]) -> list[tuple[str, int]]:
-  """Returns ``(title, motion_column)`` per subplot: chosen expression coefficients, then pose."""
-  channels = []
+  """Returns ``(title, motion_column)`` per subplot: head pitch, the expression dims, yaw, roll.
+
+  Head pitch comes first: it is where the listener's nods show, the most visible listener
+  behaviour (they follow the speaker's pauses).
+  """
+  channels = [(PITCH_TITLE, POSE_CHANNELS[0][1])]
   for k in expression_dims:
     k = int(k)
     if not 0 <= k < NUM_EXPRESSION:
       raise ValueError(f"expression dim {k} outside [0, {NUM_EXPRESSION})")
     channels.append((f"expression {k} (col {EXPRESSION_OFFSET + k})", EXPRESSION_OFFSET + k))
-  channels += [(f"{name} (col {col})", col) for name, col in POSE_CHANNELS]
+  channels += [(f"{name} (col {col})", col) for name, col in POSE_CHANNELS[1:]]
   return channels
 
 
 def trajectory_figure(*, clip_id: str, truth: Any, samples: Any, speaker: Any, fps: float = 30.0,
                       expression_dims: Sequence[int] = (0, 1, 2, 3),
-                      method_name: str = "DIM-Listener") -> Figure:
+                      method_name: str = "DIM-Listener", speaker_activity: Any = None,
+                      pause_threshold: float = 0.5) -> Figure:
   """Builds the trajectory figure (see ``plot_trajectories``) without saving it.
 
   Args:
@@ -318,10 +415,17 @@ def trajectory_figure(*, clip_id: str, truth: Any, samples: Any, speaker: Any, f
     fps: frame rate; the x axis is ``frame / fps`` seconds.
     expression_dims: indices into the 50 expression coefficients (motion column 6 + k).
     method_name: model name for the sample labels and title.
+    speaker_activity: optional [T] speech activity of the speaker (e.g.
+      ``speech_activity_from_jaw``); frames below ``pause_threshold`` are shaded light grey
+      on every panel, so nods after the speaker's pauses can be seen. None: no shading.
+    pause_threshold: activity below this is a pause.
 
   Returns:
-    The figure: one subplot per channel, ground truth as the axes' first line, then the S
-    samples, then the speaker.
+    The figure: one subplot per channel (``trajectory_channels``: head pitch first, taller),
+    ground truth as the axes' first line, then the S samples, then the speaker. A pause over
+    frames ``first..end-1`` is one ``axvspan`` from ``(first - 0.5) / fps`` to
+    ``(end - 0.5) / fps`` (half a frame either side of its frames), the first one labelled
+    "speaker pause" for the legend.
   """
   truth = np.asarray(truth, dtype=np.float64)
   samples = np.asarray(samples, dtype=np.float64)
@@ -335,35 +439,59 @@ def trajectory_figure(*, clip_id: str, truth: Any, samples: Any, speaker: Any, f
     raise ValueError(f"speaker: expected {truth.shape}, got {speaker.shape}")
   if fps <= 0:
     raise ValueError(f"fps must be positive, got {fps}")
+  pauses = []
+  if speaker_activity is not None:
+    speaker_activity = np.asarray(speaker_activity, dtype=np.float64)
+    if speaker_activity.shape != truth.shape[:1]:
+      raise ValueError(f"speaker_activity: expected [{truth.shape[0]}], got "
+                       f"{speaker_activity.shape}")
+    pauses = pause_intervals(speaker_activity, pause_threshold)
 
   channels = trajectory_channels(expression_dims)
   seconds = np.arange(truth.shape[0]) / fps
-  fig = _new_figure((10.0, 1.7 * len(channels) + 0.9))
-  axes = fig.subplots(len(channels), 1, sharex=True, squeeze=False)[:, 0]
+  # Head pitch (nods) gets twice the height of the other panels; 1.05 in per other panel plus
+  # room for the title, x label and legend keeps 7 channels at 9.6 in (was 12.8 in).
+  ratios = [2.0] + [1.0] * (len(channels) - 1)
+  fig = _new_figure((10.0, 1.05 * sum(ratios) + 1.2))
+  axes = fig.subplots(len(channels), 1, sharex=True, squeeze=False,
+                      height_ratios=ratios)[:, 0]
   colors = [f"C{i % 10}" for i in range(samples.shape[0])]
-  for ax, (title, col) in zip(axes, channels):
+  for i, (ax, (title, col)) in enumerate(zip(axes, channels)):
+    for j, (first, end) in enumerate(pauses):
+      ax.axvspan((first - 0.5) / fps, (end - 0.5) / fps, color=PAUSE_COLOR, linewidth=0,
+                 zorder=0, label=PAUSE_LABEL if i == 0 and j == 0 else "_nolegend_")
     ax.plot(seconds, truth[:, col], color="black", linewidth=1.8, label="ground-truth listener")
     for s in range(samples.shape[0]):
       ax.plot(seconds, samples[s, :, col], color=colors[s], linewidth=0.8, alpha=0.9,
               label=f"{method_name} sample {s + 1}")
     ax.plot(seconds, speaker[:, col], color="grey", linestyle="--", linewidth=1.0,
             label="speaker")
-    ax.set_title(title, fontsize=9, loc="left")
+    ax.set_title(title, fontsize=9, loc="left", fontweight="bold" if i == 0 else "normal")
+    ax.tick_params(labelsize=8)
     ax.grid(alpha=0.3)
+  if seconds.shape[0] > 1:
+    axes[0].set_xlim(seconds[0], seconds[-1])  # Shared: no margins, pauses end at the edges.
   axes[-1].set_xlabel("time (s)")
   # Below the axes rather than inside one: a legend inside would hide part of the curves.
-  fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", fontsize=8,
-             ncol=min(5, samples.shape[0] + 2), frameon=False)
-  fig.suptitle(f"Clip {clip_id}: {method_name} listener vs ground truth and speaker")
+  handles, labels = axes[0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="outside lower center", fontsize=8,
+             ncol=min(6, len(handles)), frameon=False)
+  fig.suptitle(f"Clip {clip_id}: {method_name} listener vs ground truth and speaker",
+               fontsize=11)
   return fig
 
 
 def plot_trajectories(path: str, *, clip_id: str, truth: Any, samples: Any, speaker: Any,
                       fps: float = 30.0, expression_dims: Sequence[int] = (0, 1, 2, 3),
-                      method_name: str = "DIM-Listener", dpi: float = 100.0) -> None:
-  """Saves a PNG of listener trajectories (truth, each sample, speaker) per channel to ``path``."""
+                      method_name: str = "DIM-Listener", speaker_activity: Any = None,
+                      dpi: float = 100.0) -> None:
+  """Saves a PNG of listener trajectories (truth, each sample, speaker) per channel to ``path``.
+
+  With ``speaker_activity`` ([T], see ``trajectory_figure``) the speaker's pauses are shaded.
+  """
   fig = trajectory_figure(clip_id=clip_id, truth=truth, samples=samples, speaker=speaker, fps=fps,
-                          expression_dims=expression_dims, method_name=method_name)
+                          expression_dims=expression_dims, method_name=method_name,
+                          speaker_activity=speaker_activity)
   _save_png(fig, path, dpi)
 
 

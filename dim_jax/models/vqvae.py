@@ -60,6 +60,8 @@ class VQConfig:
   positional_encoding: str = "time"
   max_len: int = 5000
   dtype: Any = jnp.float32  # compute dtype of matmuls; parameters stay float32.
+  # Ours (1 = official): product quantization over this many latent slices (VectorQuantizer).
+  code_groups: int = 1
 
   def __post_init__(self):
     if self.positional_encoding not in POSITIONAL_ENCODINGS:
@@ -69,6 +71,10 @@ class VQConfig:
     if self.hidden_size % self.num_heads:
       raise ValueError(f"model.hidden_size={self.hidden_size} is not divisible by "
                        f"model.num_heads={self.num_heads}")
+    if self.code_groups < 1 or self.code_dim % self.code_groups:
+      raise ValueError(f"model.code_groups={self.code_groups} must be >= 1 and divide "
+                       f"model.code_dim={self.code_dim}")
+    group_codebook_size(self.codebook_size, self.code_groups)
     if self.conv_norm not in CONV_NORMS:
       raise ValueError(f"model.conv_norm={self.conv_norm!r}; expected one of {CONV_NORMS}")
 
@@ -282,47 +288,84 @@ class VectorQuantizer(nn.Module):
   """Nearest-codeword quantizer with straight-through gradient and the official loss.
 
   loss = beta * mean((sg[z_q] - z)^2) + mean((z_q - sg[z])^2), means over valid frames.
+
+  With `groups` > 1 (ours; 1 = official) it is a product quantizer: the latent is split into
+  `groups` equal slices, each quantized with its own codebook of K = codebook_size ** (1 /
+  groups) codes, and the frame's token is the mixed-radix number of the slices' codes
+  (token = sum_g code_g * K ** (groups - 1 - g)). The vocabulary stays one integer per frame
+  (what DIM predicts), while a frame can hold K**groups combinations with only groups * K
+  code vectors to learn, so head pose and expression need not compete for one code.
   """
   codebook_size: int
   code_dim: int
   beta: float
   normalize: bool = False
+  groups: int = 1
+
+  @property
+  def group_size(self) -> int:
+    return group_codebook_size(self.codebook_size, self.groups)
 
   def _codes(self, codebook: Array) -> Array:
+    """[groups, K, code_dim / groups] code vectors (unit length per group when normalize)."""
+    codebook = codebook.reshape(self.groups, self.group_size, self.code_dim // self.groups)
     return _l2_normalize(codebook) if self.normalize else codebook
+
+  def _codebook(self) -> Array:
+    # Official init: uniform(-1/K, 1/K). One group keeps the official [K, code_dim] shape.
+    shape = ((self.codebook_size, self.code_dim) if self.groups == 1 else
+             (self.groups, self.group_size, self.code_dim // self.groups))
+    return self.param("codebook", _uniform_init(self.group_size), shape)
 
   @nn.compact
   def __call__(self, latents: Array, mask: Array) -> dict[str, Array]:
-    # Official init: uniform(-1/K, 1/K).
-    codebook = self.param("codebook", _uniform_init(self.codebook_size),
-                          (self.codebook_size, self.code_dim))
-    latents = latents.astype(jnp.float32)
+    codes = self._codes(self._codebook())                       # [G, K, d]
+    batch, time, _ = latents.shape
+    grouped = latents.astype(jnp.float32).reshape(batch, time, self.groups, -1)
     if self.normalize:
-      latents = _l2_normalize(latents)
-    codebook = self._codes(codebook)
-    distances = (jnp.sum(latents**2, axis=-1, keepdims=True) + jnp.sum(codebook**2, axis=-1)
-                 - 2.0 * jnp.einsum("btd,kd->btk", latents, codebook))
-    tokens = jnp.argmin(distances, axis=-1).astype(jnp.int32)
-    quantized = codebook[tokens]
-    valid = mask[..., None].astype(jnp.float32)
-    denom = jnp.maximum(valid.sum() * self.code_dim, 1.0)
-    commit = jnp.sum(jnp.square(jax.lax.stop_gradient(quantized) - latents) * valid) / denom
-    codebook_loss = jnp.sum(jnp.square(quantized - jax.lax.stop_gradient(latents)) * valid) / denom
-    straight_through = latents + jax.lax.stop_gradient(quantized - latents)
-    one_hot = jax.nn.one_hot(tokens, self.codebook_size) * valid
-    usage = one_hot.sum(axis=(0, 1))
+      grouped = _l2_normalize(grouped)
+    distances = (jnp.sum(grouped**2, axis=-1, keepdims=True)
+                 + jnp.sum(codes**2, axis=-1)[None, None]
+                 - 2.0 * jnp.einsum("btgd,gkd->btgk", grouped, codes))
+    group_tokens = jnp.argmin(distances, axis=-1).astype(jnp.int32)   # [B, T, G]
+    quantized = jnp.take_along_axis(codes[None, None], group_tokens[..., None, None],
+                                    axis=3)[..., 0, :]                 # [B, T, G, d]
+    radix = self.group_size ** jnp.arange(self.groups - 1, -1, -1, dtype=jnp.int32)
+    tokens = (group_tokens * radix).sum(axis=-1)
+    valid = mask[..., None, None].astype(jnp.float32)
+    denom = jnp.maximum(mask.astype(jnp.float32).sum() * self.code_dim, 1.0)
+    commit = jnp.sum(jnp.square(jax.lax.stop_gradient(quantized) - grouped) * valid) / denom
+    codebook_loss = jnp.sum(jnp.square(quantized - jax.lax.stop_gradient(grouped)) * valid) / denom
+    straight_through = grouped + jax.lax.stop_gradient(quantized - grouped)
+    valid_frames = mask[..., None].astype(jnp.float32)
+    usage = (jax.nn.one_hot(tokens, self.codebook_size) * valid_frames).sum(axis=(0, 1))
+    group_usage = (jax.nn.one_hot(group_tokens, self.group_size)
+                   * valid_frames[..., None]).sum(axis=(0, 1))           # [G, K]
     probs = usage / jnp.maximum(usage.sum(), 1.0)
     perplexity = jnp.exp(-jnp.sum(probs * jnp.log(probs + 1e-10)))
-    return dict(quantized=straight_through, tokens=tokens, latents=latents,
-                quant_loss=self.beta * commit + codebook_loss,
-                perplexity=perplexity, code_counts=usage)
+    return dict(quantized=straight_through.reshape(batch, time, self.code_dim), tokens=tokens,
+                latents=grouped, quant_loss=self.beta * commit + codebook_loss,
+                perplexity=perplexity, code_counts=usage, group_code_counts=group_usage)
 
   def codes(self) -> Array:
-    """The code vectors the decoder sees ([K, code_dim]; unit length when `normalize`)."""
-    return self._codes(self.get_variable("params", "codebook"))
+    """The code vectors the decoder sees per token: [codebook_size, code_dim]."""
+    codes = self._codes(self.get_variable("params", "codebook"))       # [G, K, d]
+    tokens = jnp.arange(self.codebook_size)
+    digits = [(tokens // self.group_size ** (self.groups - 1 - g)) % self.group_size
+              for g in range(self.groups)]
+    return jnp.concatenate([codes[g][digits[g]] for g in range(self.groups)], axis=-1)
 
   def lookup(self, tokens: Array) -> Array:
     return self.codes()[tokens]
+
+
+def group_codebook_size(codebook_size: int, groups: int) -> int:
+  """Codes per group of a product quantizer (codebook_size must be a perfect power)."""
+  size = int(round(codebook_size ** (1.0 / groups)))
+  if size ** groups != codebook_size:
+    raise ValueError(f"model.codebook_size={codebook_size} is not a {groups}-th power "
+                     f"(model.code_groups={groups})")
+  return size
 
 
 def _l2_normalize(x: Array) -> Array:
@@ -350,7 +393,7 @@ class VQVAE(nn.Module):
     cfg = self.config
     self.encoder = MotionEncoder(cfg)
     self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.code_dim, cfg.beta,
-                                     cfg.codebook_normalize)
+                                     cfg.codebook_normalize, cfg.code_groups)
     self.decoder = MotionDecoder(cfg, cfg.in_dim)
 
   def encode(self, motion: Array, mask: Array, train: bool = False) -> dict[str, Array]:

@@ -35,6 +35,7 @@ import numpy as np
 from dim_jax import errors
 from dim_jax.models import dim as dim_lib
 from dim_jax.models import vqvae
+from dim_jax.data import normalization as normalization_lib
 from dim_jax.training import checkpointing
 
 POSE = slice(0, 6)
@@ -200,11 +201,15 @@ class DIMTask:
   options: LossOptions
   init_sources: tuple = ()   # ((subtree, workdir), ...) restored after init, in order.
   frozen_params: tuple = ()  # train.frozen_params: patterns of parameters that never train.
+  # The statistics the inputs are standardised with (None: raw features); recorded in every
+  # checkpoint so generation can standardise its inputs and return raw motion.
+  normalization: Optional[normalization_lib.Normalization] = None
 
   # -- construction --
 
   @classmethod
-  def from_config(cls, config, *, speaker_vq, listener_vq) -> "DIMTask":
+  def from_config(cls, config, *, speaker_vq, listener_vq,
+                  normalization=None) -> "DIMTask":
     """The task of `config.phase`, built from the config and the two tokenizers' configs.
 
     Pure: reads no file. `speaker_vq` / `listener_vq` are `VQConfig`s or the `model` dicts
@@ -240,7 +245,8 @@ class DIMTask:
     options = LossOptions(**dict(config.loss))
     return cls(name=phase, model=dim_lib.DIM(model_cfg), speaker_vq=speaker_vq,
                listener_vq=listener_vq, options=options, init_sources=sources,
-               frozen_params=tuple(config.train.get("frozen_params", ())))
+               frozen_params=tuple(config.train.get("frozen_params", ())),
+               normalization=normalization)
 
   @classmethod
   def from_meta(cls, meta: dict) -> "DIMTask":
@@ -253,7 +259,8 @@ class DIMTask:
     return cls(name=meta["phase"], model=model,
                speaker_vq=vqvae.VQVAE(vq_config_from_meta(meta["speaker_vq"])),
                listener_vq=vqvae.VQVAE(vq_config_from_meta(meta["listener_vq"])),
-               options=LossOptions(**loss) if loss else LossOptions())
+               options=LossOptions(**loss) if loss else LossOptions(),
+               normalization=normalization_lib.from_meta(meta, f"{meta['phase']} checkpoint"))
 
   def model_meta(self) -> dict:
     def as_dict(cfg):
@@ -262,7 +269,8 @@ class DIMTask:
       return d
     return dict(phase=self.name, model=as_dict(self.model.config),
                 speaker_vq=as_dict(self.speaker_vq.config),
-                listener_vq=as_dict(self.listener_vq.config))
+                listener_vq=as_dict(self.listener_vq.config),
+                normalization=normalization_lib.to_meta(self.normalization))
 
   # -- params --
 
@@ -518,18 +526,49 @@ def tokenizer_configs(config) -> dict[str, dict]:
             f"init.{role}_vq={workdir} holds the {meta.get('role')!r} tokenizer, not the "
             f"{role!r} one (are init.speaker_vq and init.listener_vq swapped?)")
       out[f"{role}_vq"] = meta["model"]
+      out[f"_{role}_vq_meta"] = (workdir, meta)
     return out
   meta = checkpointing.load_meta(init.pretrain)
   if meta.get("phase") != "pretrain":
     raise checkpointing.CheckpointMismatchError(
         f"init.pretrain={init.pretrain} holds a {meta.get('phase')!r} checkpoint, not "
         "a DIM pretraining run")
-  return dict(speaker_vq=meta["speaker_vq"], listener_vq=meta["listener_vq"])
+  return dict(speaker_vq=meta["speaker_vq"], listener_vq=meta["listener_vq"],
+              _pretrain_meta=(init.pretrain, meta))
+
+
+def check_normalization(stats, sources: dict) -> None:
+  """Refuses earlier phases trained on differently standardised features.
+
+  A tokenizer trained on raw features (or on another training split's statistics) would
+  see inputs it was never trained on, and nothing else would show it.
+  """
+  for key, (workdir, meta) in sources.items():
+    streams = ((f"{key[1:-len('_vq_meta')]}_motion",) if key.endswith("_vq_meta")
+               else normalization_lib.STREAMS)
+    theirs = normalization_lib.from_meta(meta, workdir)
+    for stream in streams:
+      if not normalization_lib.same(stats, theirs, stream):
+        describe = lambda s: "raw features" if s is None else (
+            f"per-{s.scope} statistics of {s.num_frames} {s.split} frames")
+        raise checkpointing.CheckpointMismatchError(
+            f"{workdir} was trained on {describe(theirs)} for {stream}, this run uses "
+            f"{describe(stats)}; train every phase on the same dataset with the same "
+            "data.normalize")
 
 
 def task_from_config(config) -> DIMTask:
-  """`DIMTask.from_config` with the tokenizer configs read from `config.init`'s workdirs."""
-  return DIMTask.from_config(config, **tokenizer_configs(config))
+  """`DIMTask.from_config` with the tokenizer configs read from `config.init`'s workdirs.
+
+  The normalization statistics come from the run's dataset (`data.normalize`); the earlier
+  phases must have been trained with the same.
+  """
+  from dim_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  normalization = pipeline.normalization_for(config, pipeline.ensure_data(config))
+  found = tokenizer_configs(config)
+  check_normalization(normalization, {k: v for k, v in found.items() if k.startswith("_")})
+  return DIMTask.from_config(config, normalization=normalization,
+                             **{k: v for k, v in found.items() if not k.startswith("_")})
 
 
 def vq_config_from_meta(meta_model: dict) -> vqvae.VQConfig:

@@ -8,12 +8,13 @@ expression dims 6:56) and codebook usage accumulated over the whole split.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dim_jax.data import normalization as normalization_lib
 from dim_jax.models import vqvae
 
 POSE = slice(0, 6)
@@ -32,18 +33,50 @@ class VQTask:
   # on small data the official quantizer otherwise uses a handful of its codes.
   restart_dead_codes: bool = False
   frozen_params: tuple = ()  # train.frozen_params
+  # Statistics the motion is standardised with (None: raw). The model trains on standardised
+  # motion; the validation errors below are reported in raw units.
+  normalization: Optional[normalization_lib.Normalization] = None
+  # train.reconstruction_weighting. 'uniform' (official): L1 averaged over the 56 dims of
+  # the model's input. 'part_balanced' (ours): pose and expression each weigh half, and
+  # inside a part each dim weighs its raw std: the loss is then each part's raw-unit error
+  # relative to that part's scale, so the head (radians of ~0.05) is not drowned by the
+  # expression, and dims that are mostly noise on standardised input do not take over.
+  reconstruction_weighting: str = "uniform"
+  pose_weight: float = 0.5  # share of the pose part under 'part_balanced'
+  reconstruction_loss: str = "l1"  # 'l1' (official) or 'mse'
 
   name = "vq"
 
+  def dim_weights(self) -> np.ndarray:
+    """[56] weights of the per-dim L1 terms (they sum to 56: 'uniform' is all ones)."""
+    if self.reconstruction_weighting == "uniform":
+      return np.ones(56, np.float32)
+    if self.reconstruction_weighting != "part_balanced":
+      raise ValueError(f"train.reconstruction_weighting={self.reconstruction_weighting!r}; "
+                       "expected 'uniform' or 'part_balanced'")
+    scale = (np.ones(56) if self.normalization is None
+             else np.asarray(self.normalization.std(self.motion_key), np.float64))
+    if self.reconstruction_loss == "mse":
+      scale = scale**2  # squared errors: each part's weighted sum is its raw squared error
+    weights = np.zeros(56)
+    for part, share in ((POSE, self.pose_weight), (EXPRESSION, 1.0 - self.pose_weight)):
+      weights[part] = share * 56 * scale[part] / scale[part].sum()
+    return weights.astype(np.float32)
+
   @classmethod
-  def from_config(cls, config) -> "VQTask":
+  def from_config(cls, config, normalization=None) -> "VQTask":
     if config.role not in ROLES:
       raise ValueError(f"config.role={config.role!r}; expected one of {ROLES}")
     model = vqvae.VQVAE(vqvae.vq_config_from(config.model))
     return cls(model=model, role=config.role,
                quant_loss_weight=float(config.train.quant_loss_weight),
                restart_dead_codes=bool(config.train.get("restart_dead_codes", False)),
-               frozen_params=tuple(config.train.get("frozen_params", ())))
+               frozen_params=tuple(config.train.get("frozen_params", ())),
+               normalization=normalization,
+               reconstruction_weighting=str(config.train.get("reconstruction_weighting",
+                                                             "uniform")),
+               pose_weight=float(config.train.get("pose_weight", 0.5)),
+               reconstruction_loss=str(config.train.get("reconstruction_loss", "l1")))
 
   @property
   def motion_key(self) -> str:
@@ -52,7 +85,8 @@ class VQTask:
   def model_meta(self) -> dict:
     cfg = dataclasses.asdict(self.model.config)
     cfg["dtype"] = jnp.dtype(cfg["dtype"]).name
-    return dict(phase=self.name, role=self.role, model=cfg)
+    return dict(phase=self.name, role=self.role, model=cfg,
+                normalization=normalization_lib.to_meta(self.normalization))
 
   def init_params(self, rng: jax.Array, batch: dict[str, jax.Array]) -> Any:
     params_rng, dropout_rng = jax.random.split(rng)
@@ -72,13 +106,14 @@ class VQTask:
     valid = batch["mask"][..., None].astype(jnp.float32)
     frames = jnp.maximum(valid.sum(), 1.0)
     abs_err = jnp.abs(out["reconstruction"] - target) * valid
-    rec_l1 = abs_err.sum() / (frames * target.shape[-1])
+    per_dim = abs_err if self.reconstruction_loss == "l1" else jnp.square(abs_err)
+    rec_l1 = (per_dim * self.dim_weights()).sum() / (frames * target.shape[-1])
     loss = rec_l1 + self.quant_loss_weight * out["quant_loss"]
     metrics = dict(rec_l1=rec_l1, quant_loss=out["quant_loss"], perplexity=out["perplexity"],
                    pose_l1=abs_err[..., POSE].sum() / (frames * 6),
                    expression_l1=abs_err[..., EXPRESSION].sum() / (frames * 50))
     if self.restart_dead_codes:
-      metrics.update(_code_counts=out["code_counts"], _latents=out["latents"],
+      metrics.update(_code_counts=out["group_code_counts"], _latents=out["latents"],
                      _valid=batch["mask"])
     return loss, metrics
 
@@ -93,18 +128,21 @@ class VQTask:
     return {}  # the first phase: nothing to graft
 
   def after_update(self, params, hook_inputs: dict, rng: jax.Array):
-    """Re-seeds codes unused in this batch with random valid latents of the batch."""
+    """Re-seeds codes unused in this batch with random valid latents of the batch (per
+    group of a product quantizer)."""
     if not self.restart_dead_codes:
       return params
     codebook = params["quantizer"]["codebook"]
-    latents = hook_inputs["_latents"].reshape(-1, codebook.shape[-1])
+    grouped = codebook.reshape((-1,) + codebook.shape[-2:])            # [G, K, d]
+    groups = grouped.shape[0]
+    latents = hook_inputs["_latents"].reshape(-1, groups, grouped.shape[-1])
     valid = hook_inputs["_valid"].reshape(-1).astype(jnp.float32)
-    picks = jax.random.choice(rng, latents.shape[0], (codebook.shape[0],),
+    picks = jax.random.choice(rng, latents.shape[0], (groups, grouped.shape[1]),
                               p=valid / jnp.maximum(valid.sum(), 1.0))
-    dead = (hook_inputs["_code_counts"] == 0)[:, None]
-    fresh = jax.lax.stop_gradient(latents[picks]).astype(codebook.dtype)
-    quantizer = dict(params["quantizer"], codebook=jnp.where(dead, fresh, codebook))
-    return dict(params, quantizer=quantizer)
+    dead = (hook_inputs["_code_counts"] == 0)[..., None]               # [G, K, 1]
+    fresh = jax.lax.stop_gradient(latents[picks, jnp.arange(groups)[:, None]])
+    restarted = jnp.where(dead, fresh.astype(codebook.dtype), grouped).reshape(codebook.shape)
+    return dict(params, quantizer=dict(params["quantizer"], codebook=restarted))
 
   def eval_sums(self, params, batch) -> dict[str, jax.Array]:
     """Sums over a batch (deterministic model); combined exactly by `finalize_eval`."""
@@ -112,8 +150,14 @@ class VQTask:
     target = batch[self.motion_key]
     valid = batch["mask"][..., None].astype(jnp.float32)
     err = (out["reconstruction"] - target) * valid
+    per_dim = jnp.abs(err) if self.reconstruction_loss == "l1" else jnp.square(err)
+    model_abs = (per_dim * self.dim_weights()).sum()  # the training objective's units
+    if self.normalization is not None:
+      # Raw units (radians, EMOCA coefficients): the mean cancels in errors and variances.
+      scale = self.normalization.std(self.motion_key)
+      err, target = err * scale, target * scale
     frames = valid.sum()
-    return dict(frames=frames,
+    return dict(frames=frames, model_abs=model_abs,
                 pose_abs=jnp.abs(err[..., POSE]).sum(), expression_abs=jnp.abs(err[..., EXPRESSION]).sum(),
                 pose_sq=jnp.square(err[..., POSE]).sum(),
                 expression_sq=jnp.square(err[..., EXPRESSION]).sum(),
@@ -131,7 +175,9 @@ class VQTask:
     quant = float(sums["quant_loss"]) / frames
     mean = np.asarray(sums["target_sum"], np.float64) / frames
     variance = np.maximum(np.asarray(sums["target_sq"], np.float64) / frames - mean**2, 1e-12)
-    return dict(loss=rec_l1 + self.quant_loss_weight * quant, rec_l1=rec_l1, quant_loss=quant,
+    # The validation loss (checkpoint selection) is the training objective: L1 in model units.
+    model_l1 = float(sums["model_abs"]) / (frames * 56)
+    return dict(loss=model_l1 + self.quant_loss_weight * quant, rec_l1=rec_l1, quant_loss=quant,
                 pose_l1=float(sums["pose_abs"]) / (frames * 6),
                 expression_l1=float(sums["expression_abs"]) / (frames * 50),
                 pose_mse=float(sums["pose_sq"]) / (frames * 6),
