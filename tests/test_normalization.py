@@ -138,8 +138,8 @@ def test_vq_validation_errors_are_reported_in_raw_units(data_dir):
   rng = np.random.default_rng(0)
   batch["listener_motion"] = rng.standard_normal((2, 16, 56)).astype(np.float32)
   params = task.init_params(jax.random.PRNGKey(0), batch)
-  sums = jax.tree.map(np.asarray, task.eval_sums(params, batch))
-  raw_sums = jax.tree.map(np.asarray, raw_task.eval_sums(params, batch))
+  sums = jax.tree.map(np.asarray, jax.jit(task.eval_sums)(params, batch))
+  raw_sums = jax.tree.map(np.asarray, jax.jit(raw_task.eval_sums)(params, batch))
   std = stats.std("listener_motion").astype(np.float64)
   # Same model, same standardised batch: the raw-unit squared error is the model-unit one
   # scaled per dim by std^2 (the zero-initialised decoder outputs 0: the error is the target).

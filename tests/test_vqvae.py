@@ -194,7 +194,7 @@ def test_vq_task_eval_metrics_match_direct_computation():
   params = task.init_params(jax.random.PRNGKey(0), batch)
   # Split the batch in two to check that sums combine exactly.
   halves = [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]
-  sums = [jax.device_get(task.eval_sums(params, h)) for h in halves]
+  sums = [jax.device_get(jax.jit(task.eval_sums)(params, h)) for h in halves]
   metrics = task.finalize_eval(jax.tree.map(np.add, *sums))
   out = task.model.apply({"params": params}, batch["speaker_motion"], batch["mask"])
   err = (np.asarray(out["reconstruction"]) - motion)[mask]
