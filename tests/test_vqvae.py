@@ -207,3 +207,54 @@ def test_vq_task_eval_metrics_match_direct_computation():
                              rtol=1e-4)
   tokens = np.asarray(out["tokens"])[mask]
   assert metrics["codes_used"] == len(np.unique(tokens))
+
+
+def test_product_quantizer_tokens_are_mixed_radix_of_per_group_nearest_codes():
+  quantizer = vqvae.VectorQuantizer(256, 32, 0.25, normalize=True, groups=2)
+  latents = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 32))
+  mask = jnp.ones((2, 5), bool)
+  variables = quantizer.init(jax.random.PRNGKey(1), latents, mask)
+  out = quantizer.apply(variables, latents, mask)
+  codebook = np.asarray(variables["params"]["codebook"])          # [2 groups, 16, 16]
+  assert codebook.shape == (2, 16, 16)
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  groups = unit(np.asarray(latents).reshape(2, 5, 2, 16))
+  nearest = [np.argmax(np.einsum("btd,kd->btk", groups[:, :, g], unit(codebook[g])), -1)
+             for g in range(2)]
+  np.testing.assert_array_equal(np.asarray(out["tokens"]), nearest[0] * 16 + nearest[1])
+  # The decoder's vector of a token is its two groups' codes side by side.
+  codes = np.asarray(quantizer.apply(variables, method=quantizer.codes))
+  assert codes.shape == (256, 32)
+  np.testing.assert_allclose(np.asarray(out["quantized"]), codes[np.asarray(out["tokens"])],
+                             atol=1e-6)
+  np.testing.assert_allclose(codes[3 * 16 + 5], np.concatenate([unit(codebook[0])[3],
+                                                               unit(codebook[1])[5]]), atol=1e-6)
+  assert np.asarray(out["group_code_counts"]).sum() == 2 * 10   # 10 frames, one code per group
+  with pytest.raises(ValueError, match="code_groups"):
+    vqvae.VQConfig(codebook_size=128, code_dim=32, code_groups=2)  # 128 is not a square
+
+
+def test_part_balanced_loss_is_each_parts_relative_raw_error():
+  from dim_jax import config_lib
+  from dim_jax.data import normalization
+  from dim_jax.training import vq
+  rng = np.random.default_rng(0)
+  clip = {s: rng.normal(size=(40, 768 if s == "speaker_audio" else 56)) for s in
+          normalization.STREAMS}
+  clip["listener_motion"] *= np.r_[np.full(6, 0.03), np.linspace(0.05, 1.0, 50)]
+  stats = normalization.compute([clip])
+  config = config_lib.shrink_to_tiny(config_lib.vq_config("listener"))
+  task = vq.VQTask.from_config(config, stats)
+  assert (task.reconstruction_weighting, task.reconstruction_loss) == ("part_balanced", "mse")
+  weights = task.dim_weights()
+  np.testing.assert_allclose(weights.sum(), 56, rtol=1e-5)
+  np.testing.assert_allclose(weights[:6].sum() / 56, task.pose_weight, rtol=1e-5)
+  # On standardised errors e the weighted MSE is, per part, share x raw squared error over
+  # the part's raw variance: the part's unexplained variance when e is the target itself.
+  std = stats.std("listener_motion").astype(np.float64)
+  error = rng.normal(size=(100, 56))
+  weighted = (np.square(error) * weights).sum(1).mean() / 56
+  raw = np.square(error * std)
+  expected = (task.pose_weight * raw[:, :6].sum(1).mean() / np.square(std[:6]).sum()
+              + (1 - task.pose_weight) * raw[:, 6:].sum(1).mean() / np.square(std[6:]).sum())
+  np.testing.assert_allclose(weighted, expected, rtol=1e-5)
