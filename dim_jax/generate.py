@@ -18,9 +18,9 @@ the last one padded with the mask. Each window is conditioned on the speaker mot
 of its own frames (`task.conditioning` on that slice, as in training). Window 0 is sampled
 from frame 0's token; every later window is prompted with the model's own tokens of its first
 O frames (the previous window's last O, `sampler.generate_tokens(prompt_tokens=...)`) and
-samples only the rest, so the tokens form one stream and no window restarts. All windows run
-in one `lax.scan` inside one jitted function: one compiled program per (batch, samples, window
-count). Each window's tokens are VQ-decoded on their own and the decodes are cross-faded
+samples only the rest, so the tokens form one stream and no window restarts. A Python loop
+over windows (not frames) calls one jitted window step: one compiled program per (batch,
+samples) shape whatever the clip length; the host assembles the clip. Each window's tokens are VQ-decoded on their own and the decodes are cross-faded
 linearly over the overlaps (`crossfade_weights`); `seam_statistics` measures what is left of
 the seams.
 
@@ -182,24 +182,25 @@ class Generator:
     """
     if start not in START_MODES:
       raise ValueError(f"start={start!r}; expected one of {START_MODES}")
-    mask = jnp.asarray(batch["mask"], bool)
+    # Host arrays: the per-window slices below are NumPy views, not device ops.
+    mask = np.asarray(batch["mask"], bool)
     size, frames = mask.shape
     windows = num_windows(frames, self.window, self.overlap)
     pad = padded_length(windows, self.window, self.overlap) - frames
 
     def padded(x):
-      x = jnp.asarray(x, jnp.float32)
-      return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+      x = np.asarray(x, np.float32)
+      return np.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
 
-    # Only what the model may see enters the jitted function: DIM-Speaker is conditioned on
+    # Only what the model may see enters the jitted functions: DIM-Speaker is conditioned on
     # audio alone, and of the target role's ground truth at most frame 0 is passed.
     speaker = (batch["speaker_motion"] if self.role == "listener"
-               else jnp.zeros((size, frames, records.MOTION_DIM), jnp.float32))
-    first_frame = (jnp.asarray(batch[f"{self.role}_motion"], jnp.float32)[:, 0]
+               else np.zeros((size, frames, records.MOTION_DIM), np.float32))
+    first_frame = (np.asarray(batch[f"{self.role}_motion"], np.float32)[:, 0]
                    if start == "first_frame"
-                   else jnp.zeros((size, records.MOTION_DIM), jnp.float32))
+                   else np.zeros((size, records.MOTION_DIM), np.float32))
     inputs = dict(speaker_motion=padded(speaker), speaker_audio=padded(batch["speaker_audio"]),
-                  mask=jnp.pad(mask, [(0, 0), (0, pad)]), first_frame=first_frame)
+                  mask=np.pad(mask, [(0, 0), (0, pad)]), first_frame=first_frame)
     out = _generate(self, self.params, inputs, rng, jnp.asarray(start == "first_frame"),
                     num_samples=num_samples, num_windows=windows)
     out["motion"] = out["motion"][:, :, :frames]
@@ -216,107 +217,133 @@ class Generator:
             and self.overlap == other.overlap)
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("num_samples", "num_windows"))
 def _generate(gen: Generator, params, inputs: dict, rng: jax.Array, use_first_frame: jax.Array,
               *, num_samples: int, num_windows: int) -> dict:
-  """All windows of a padded batch in one `lax.scan` (module docstring); raw units in/out."""
-  task, cfg = gen.task, gen.task.model.config
-  model, norm = task.model, task.normalization
+  """All windows of a padded batch, one jitted window step each (module docstring).
+
+  A Python loop over windows (not frames) calling one compiled `_window_step`: clips of any
+  length share one executable per (batch, samples) shape. Raw units in and out.
+  """
   window, overlap = gen.window, gen.overlap
   hop = window - overlap
   mask = inputs["mask"]
   if mask.shape[1] != padded_length(num_windows, window, overlap):
     raise ValueError(f"{mask.shape[1]} frames do not fill {num_windows} windows")
+  cfg = gen.task.model.config
+  tokens_out = cfg.output == "tokens"
+  first = _first_tokens(gen, params, inputs["first_frame"], use_first_frame,
+                        num_samples=num_samples)
+  rows = mask.shape[0] * num_samples
+  weights = crossfade_weights(num_windows, window, overlap)
+  previous = jnp.zeros((rows, window), jnp.int32)
+  # Assembled on the host: every window's slice offset differs, device updates would compile
+  # once per offset.
+  motion = np.zeros((rows, mask.shape[1], records.MOTION_DIM), np.float32)
+  token_stream = np.zeros((rows, mask.shape[1]), np.int32)
+  window_tokens = []
+  for k in range(num_windows):
+    frames = slice(k * hop, k * hop + window)
+    window_inputs = {key: inputs[key][:, frames]
+                     for key in ("speaker_motion", "speaker_audio", "mask")}
+    tokens, window_motion = _window_step(gen, params, window_inputs, previous, first,
+                                         jnp.int32(k), rng, use_first_frame,
+                                         num_samples=num_samples)
+    motion[:, frames] += weights[k][None, :, None] * np.asarray(window_motion)
+    if tokens_out:
+      token_stream[:, frames] = np.asarray(tokens)
+      window_tokens.append(token_stream[:, frames])
+      previous = tokens
+  return _finish(gen, motion, token_stream,
+                 np.stack(window_tokens, axis=1) if tokens_out else None, mask,
+                 num_samples=num_samples)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("num_samples",))
+def _first_tokens(gen: Generator, params, first_frame: jax.Array, use_first_frame: jax.Array,
+                  *, num_samples: int) -> jax.Array:
+  """[B * N] frame-0 tokens: the VQ code of a still window at the ground truth's first frame
+  (no later frame can reach it), or of a still window at the training mean (0 standardised,
+  or raw 0 without normalization) when no ground truth is used."""
+  task, norm = gen.task, gen.task.normalization
+  vq = task.speaker_vq if gen.role == "speaker" else task.listener_vq
+  frame0 = first_frame if norm is None else norm.normalize(first_frame, f"{gen.role}_motion")
+  still = jnp.where(use_first_frame, frame0, 0.0)
+  still = jnp.broadcast_to(still[:, None, :], (still.shape[0], gen.window, still.shape[-1]))
+  first = vq.apply({"params": params[f"{gen.role}_vq"]}, still,
+                   jnp.ones(still.shape[:2], bool), method=vqvae.VQVAE.encode)["tokens"][:, 0]
+  return sampler.repeat_for_samples(first, num_samples)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("num_samples",))
+def _window_step(gen: Generator, params, window_inputs: dict, previous: jax.Array,
+                 first: jax.Array, k: jax.Array, rng: jax.Array, use_first_frame: jax.Array,
+                 *, num_samples: int):
+  """Window k: (tokens [B * N, W] or None, standardised motion [B * N, W, 56])."""
+  task, cfg = gen.task, gen.task.model.config
+  model, norm = task.model, task.normalization
+  window, overlap = gen.window, gen.overlap
+  mask = window_inputs["mask"]
 
   def standardized(x, stream):
     # As the training pipeline: standardised, then exactly 0 on padding.
     x = x if norm is None else norm.normalize(x, stream)
     return jnp.where(mask[..., None], x, 0.0)
 
-  speaker = standardized(inputs["speaker_motion"], "speaker_motion")
-  audio = standardized(inputs["speaker_audio"], "speaker_audio")
-  target_stream = f"{gen.role}_motion"
-  rows = mask.shape[0] * num_samples
-  vq = task.speaker_vq if gen.role == "speaker" else task.listener_vq
-  vq_params = {"params": params[f"{gen.role}_vq"]}
+  window_batch = dict(speaker_motion=standardized(window_inputs["speaker_motion"],
+                                                  "speaker_motion"),
+                      speaker_audio=standardized(window_inputs["speaker_audio"],
+                                                 "speaker_audio"), mask=mask)
+  context = sampler.repeat_for_samples(task.conditioning(params, window_batch), num_samples)
+  window_mask = sampler.repeat_for_samples(mask, num_samples)
+  window_rng = jax.random.fold_in(rng, k)
   dim_params = {"params": params["dim"]}
-  weights = jnp.asarray(crossfade_weights(num_windows, window, overlap))
-  in_window = lambda x, k: jax.lax.dynamic_slice_in_dim(x, k * hop, window, axis=1)
-  tokens_out = cfg.output == "tokens"
-  autoregressive = tokens_out and not cfg.parallel
-
-  if autoregressive:
-    # Frame 0's token: the VQ code of a still window at the ground truth's first frame (no
-    # later frame can reach it), or of a still window at the training mean (0 standardised,
-    # or raw 0 without normalization) when no ground truth is used.
-    frame0 = inputs["first_frame"]
-    frame0 = frame0 if norm is None else norm.normalize(frame0, target_stream)
-    still = jnp.where(use_first_frame, frame0, 0.0)
-    still = jnp.broadcast_to(still[:, None, :], (still.shape[0], window, still.shape[-1]))
-    first = vq.apply(vq_params, still, jnp.ones(still.shape[:2], bool),
-                     method=vqvae.VQVAE.encode)["tokens"][:, 0]
-    first = sampler.repeat_for_samples(first, num_samples)
+  if cfg.output != "tokens":
+    motion = model.apply(dim_params, context, window_mask, window_mask,
+                         method=dim_lib.DIM.regress)
+    return None, jnp.where(window_mask[..., None], motion, 0.0)
+  rows = window_mask.shape[0]
+  if cfg.parallel:  # every window independently (trained with all positions masked).
+    masked = jnp.full(window_mask.shape, cfg.mask_token, jnp.int32)
+    logits = model.apply(dim_params, masked, context, window_mask, None, window_mask,
+                         method=dim_lib.DIM.decode)
+    tokens = sampler.sample_next(window_rng, logits.reshape(-1, logits.shape[-1]),
+                                 gen.sampling).reshape(window_mask.shape)
+  else:
     offset = 1 if cfg.start == "start_token" else 0  # [start, frame tokens...] as trained.
     length = window + offset
-    decoder = dim_lib.joint_decoder_module(cfg)
+    # Window 0 starts from frame 0's token; later windows continue the token stream,
+    # prompted with the previous window's tokens of the overlap, and sample only the rest.
     first_prompt = jnp.zeros((rows, length), jnp.int32).at[:, offset].set(first)
+    continued = jnp.zeros((rows, length), jnp.int32).at[:, offset:offset + overlap].set(
+        previous[:, window - overlap:])
+    prompt = jnp.where(k == 0, first_prompt, continued)
+    if offset:
+      prompt = prompt.at[:, 0].set(cfg.start_token)
     # With a start token, frame 0 is given only with start='first_frame'.
     first_length = jnp.where(use_first_frame, 2, 1) if offset else 1
+    prompt_length = jnp.where(k == 0, first_length, overlap + offset)
+    decoder = dim_lib.joint_decoder_module(cfg)
+    tokens = sampler.generate_tokens(
+        decoder, params["dim"]["joint_decoder"], prompt_tokens=prompt,
+        prompt_length=prompt_length, length=length, context=context,
+        context_mask=window_mask, rng=window_rng, sampling=gen.sampling)[:, offset:]
+  vq = task.speaker_vq if gen.role == "speaker" else task.listener_vq
+  motion = vq.apply({"params": params[f"{gen.role}_vq"]}, tokens, window_mask,
+                    method=vqvae.VQVAE.decode_tokens)
+  return tokens, motion
 
-  def body(carry, k):
-    previous, motion_sum, token_stream = carry
-    window_batch = dict(speaker_motion=in_window(speaker, k), speaker_audio=in_window(audio, k),
-                        mask=in_window(mask, k))
-    context = sampler.repeat_for_samples(task.conditioning(params, window_batch), num_samples)
-    window_mask = sampler.repeat_for_samples(window_batch["mask"], num_samples)
-    window_rng = jax.random.fold_in(rng, k)
-    tokens = None
-    if not tokens_out:
-      motion = model.apply(dim_params, context, window_mask, window_mask,
-                           method=dim_lib.DIM.regress)
-      motion = jnp.where(window_mask[..., None], motion, 0.0)
-    else:
-      if autoregressive:
-        # Later windows continue the token stream: prompted with the previous window's
-        # tokens of the overlap, they sample only their remaining frames.
-        continued = jnp.zeros((rows, length), jnp.int32).at[:, offset:offset + overlap].set(
-            previous[:, hop:])
-        prompt = jnp.where(k == 0, first_prompt, continued)
-        if offset:
-          prompt = prompt.at[:, 0].set(cfg.start_token)
-        prompt_length = jnp.where(k == 0, first_length, overlap + offset)
-        tokens = sampler.generate_tokens(
-            decoder, params["dim"]["joint_decoder"], prompt_tokens=prompt,
-            prompt_length=prompt_length, length=length, context=context,
-            context_mask=window_mask, rng=window_rng, sampling=gen.sampling)[:, offset:]
-      else:  # parallel: every window independently (trained with all positions masked).
-        masked = jnp.full(window_mask.shape, cfg.mask_token, jnp.int32)
-        logits = model.apply(dim_params, masked, context, window_mask, None, window_mask,
-                             method=dim_lib.DIM.decode)
-        tokens = sampler.sample_next(window_rng, logits.reshape(-1, logits.shape[-1]),
-                                     gen.sampling).reshape(window_mask.shape)
-      motion = vq.apply(vq_params, tokens, window_mask, method=vqvae.VQVAE.decode_tokens)
-      token_stream = jax.lax.dynamic_update_slice_in_dim(token_stream, tokens, k * hop, axis=1)
-    faded = in_window(motion_sum, k) + weights[k][None, :, None] * motion
-    motion_sum = jax.lax.dynamic_update_slice_in_dim(motion_sum, faded, k * hop, axis=1)
-    if tokens is None:
-      tokens = previous
-    return (tokens, motion_sum, token_stream), tokens
 
-  frames = mask.shape[1]
-  carry = (jnp.zeros((rows, window), jnp.int32),
-           jnp.zeros((rows, frames, records.MOTION_DIM), jnp.float32),
-           jnp.zeros((rows, frames), jnp.int32))
-  (_, motion, token_stream), window_tokens = jax.lax.scan(
-      body, carry, jnp.arange(num_windows, dtype=jnp.int32))
+def _finish(gen: Generator, motion, token_stream, window_tokens, mask, *, num_samples: int):
+  """Raw units, zero on padding, [B, N, ...] layout (host arrays: no per-length compile)."""
+  norm = gen.task.normalization
   if norm is not None:
-    motion = norm.denormalize(motion, target_stream)
+    motion = norm.denormalize(motion, f"{gen.role}_motion").astype(np.float32)
   row_mask = sampler.repeat_for_samples(mask, num_samples)
-  motion = jnp.where(row_mask[..., None], motion, 0.0)
+  motion = np.where(row_mask[..., None], motion, np.float32(0.0))
   out = dict(motion=sampler.split_samples(motion, num_samples), tokens=None, window_tokens=None)
-  if tokens_out:
-    out["tokens"] = sampler.split_samples(jnp.where(row_mask, token_stream, 0), num_samples)
-    out["window_tokens"] = sampler.split_samples(jnp.moveaxis(window_tokens, 0, 1), num_samples)
+  if window_tokens is not None:
+    out["tokens"] = sampler.split_samples(np.where(row_mask, token_stream, 0), num_samples)
+    out["window_tokens"] = sampler.split_samples(window_tokens, num_samples)
   return out
 
 
@@ -348,8 +375,9 @@ def generate_clips(generator: Generator, clips: list[dict], num_samples: int, rn
   """Samples every clip (dicts as `records.read_clips` returns, raw units) whole.
 
   Clips are grouped by window count (ascending, in input order within a group) and batched
-  `batch_size` at a time, filler rows completing the last batch of a group, so there is one
-  compiled program per window count; batch i uses `fold_in(rng, i)`.
+  `batch_size` at a time, filler rows completing the last batch of a group (every batch has
+  the same rows, so one compiled window step serves them all); batch i uses
+  `fold_in(rng, i)`.
 
   Returns:
     {clip_id: samples [N, T, 56] float32 raw units}, T the clip's length.
