@@ -26,6 +26,7 @@ from dim_jax.evaluation import metrics as metrics_lib
 from dim_jax.models import dim as dim_lib
 from dim_jax.models import vqvae
 from dim_jax.training import checkpointing, dim_tasks, metric_writer, trainer, vq
+from helpers import params as params_helper
 
 AUDIO = 24
 TINY_DIM = dict(audio_dim=AUDIO, dim=32, depth=1, heads=2, dim_head=16, max_seq_len=64,
@@ -92,22 +93,10 @@ def batches():
 
 
 def random_params(abstract, seed=0):
-  """Random values for a param tree of these shapes: kernels and tables U(+-1/sqrt(fan_in)),
-  LayerNorm scales 1, biases and the (zero-initialised) role/context embeddings 0.  Instant,
-  unlike compiling an init program; these tests are about losses and freezing, not about
-  initialisation (the trainer's real init runs in `chain`)."""
-  rng = np.random.default_rng(seed)
-
-  def leaf(path, shape_dtype):
-    name, shape = checkpointing.path_str(path), shape_dtype.shape
-    if name.endswith("scale"):
-      return np.ones(shape, np.float32)
-    if name.endswith(("bias", "_embedding")):
-      return np.zeros(shape, np.float32)
-    fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else shape[0]
-    return (rng.uniform(-1, 1, shape) / np.sqrt(fan_in)).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(leaf, abstract)
+  """Random values for a param tree (tests/helpers/params.py) with zero biases and
+  embeddings: these tests are about losses and freezing, not about initialisation (the
+  trainer's real init runs in `chain`)."""
+  return params_helper.random_params(abstract, seed)
 
 
 @pytest.fixture(scope="module")

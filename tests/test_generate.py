@@ -18,7 +18,8 @@ from dim_jax import config_lib, generate, sampler
 from dim_jax.data import normalization as normalization_lib
 from dim_jax.data import pipeline, synthetic
 from dim_jax.models import vqvae
-from dim_jax.training import checkpointing, dim_tasks
+from dim_jax.training import dim_tasks
+from helpers import params as params_helper
 
 WINDOW, OVERLAP = 16, 4
 HOP = WINDOW - OVERLAP
@@ -36,19 +37,8 @@ def _normalization(mean=MEAN, std=STD):
 
 
 def _random_params(abstract, seed=0):
-  """U(+-1/sqrt(fan_in)) kernels and tables, unit scales, small biases (instant)."""
-  rng = np.random.default_rng(seed)
-
-  def leaf(path, shape_dtype):
-    name, shape = checkpointing.path_str(path), shape_dtype.shape
-    if name.endswith("scale"):
-      return np.ones(shape, np.float32)
-    if name.endswith(("bias", "_embedding")):
-      return rng.uniform(-0.1, 0.1, shape).astype(np.float32)
-    fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else shape[0]
-    return (rng.uniform(-1, 1, shape) / np.sqrt(fan_in)).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(leaf, abstract)
+  """Random values (tests/helpers/params.py), small nonzero biases and embeddings."""
+  return params_helper.random_params(abstract, seed, bias_scale=0.1)
 
 
 @functools.lru_cache(maxsize=None)

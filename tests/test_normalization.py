@@ -119,7 +119,7 @@ def test_statistics_round_trip_through_checkpoint_meta(data_dir, tmp_path):
   assert again == stats and hash(again) == hash(stats)
   # A DIM phase refuses tokenizers trained on other statistics, or on raw features.
   other = normalization.compute([_clip("x", 12, 5, offset=1.0)])
-  sources = {"_listener_vq_meta": ("vq_listener", meta)}
+  sources = {"listener_vq": ("vq_listener", meta)}
   dim_tasks.check_normalization(stats, sources)
   with pytest.raises(checkpointing.CheckpointMismatchError, match="listener_motion"):
     dim_tasks.check_normalization(other, sources)

@@ -500,12 +500,12 @@ class DIMTask:
     return means
 
 
-def tokenizer_configs(config) -> dict[str, dict]:
-  """The two tokenizers' model configs, read from the checkpoints `config.init` names.
+def init_metas(config) -> dict[str, tuple[str, dict]]:
+  """The checkpoint metas of the earlier phases `config.init` names, checked.
 
-  The one place where building a DIM phase reads the disk: the VQ workdirs (pretraining, or a
-  fine-tune without pretraining) or the pretraining run. Returns keyword arguments for
-  `DIMTask.from_config`. A workdir of the wrong phase or role is refused here.
+  The one place where building a DIM phase reads the disk: {'speaker_vq': (workdir, meta),
+  'listener_vq': ...} (pretraining, or a fine-tune without pretraining) or {'pretrain':
+  (workdir, meta)}. A workdir of the wrong phase or role is refused here.
   """
   init, phase = config.init, config.phase
   if phase == "pretrain" or not init.pretrain:
@@ -525,26 +525,35 @@ def tokenizer_configs(config) -> dict[str, dict]:
         raise checkpointing.CheckpointMismatchError(
             f"init.{role}_vq={workdir} holds the {meta.get('role')!r} tokenizer, not the "
             f"{role!r} one (are init.speaker_vq and init.listener_vq swapped?)")
-      out[f"{role}_vq"] = meta["model"]
-      out[f"_{role}_vq_meta"] = (workdir, meta)
+      out[f"{role}_vq"] = (workdir, meta)
     return out
   meta = checkpointing.load_meta(init.pretrain)
   if meta.get("phase") != "pretrain":
     raise checkpointing.CheckpointMismatchError(
         f"init.pretrain={init.pretrain} holds a {meta.get('phase')!r} checkpoint, not "
         "a DIM pretraining run")
-  return dict(speaker_vq=meta["speaker_vq"], listener_vq=meta["listener_vq"],
-              _pretrain_meta=(init.pretrain, meta))
+  return {"pretrain": (init.pretrain, meta)}
 
 
-def check_normalization(stats, sources: dict) -> None:
-  """Refuses earlier phases trained on differently standardised features.
+def tokenizer_configs(config, metas: Optional[dict] = None) -> dict[str, dict]:
+  """The two tokenizers' model configs (keyword arguments for `DIMTask.from_config`), from
+  `init_metas(config)` (read here unless given)."""
+  metas = init_metas(config) if metas is None else metas
+  if "pretrain" in metas:
+    meta = metas["pretrain"][1]
+    return dict(speaker_vq=meta["speaker_vq"], listener_vq=meta["listener_vq"])
+  return {key: meta["model"] for key, (_, meta) in metas.items()}
+
+
+def check_normalization(stats, metas: dict) -> None:
+  """Refuses earlier phases (`init_metas`) trained on differently standardised features.
 
   A tokenizer trained on raw features (or on another training split's statistics) would
   see inputs it was never trained on, and nothing else would show it.
   """
-  for key, (workdir, meta) in sources.items():
-    streams = ((f"{key[1:-len('_vq_meta')]}_motion",) if key.endswith("_vq_meta")
+  for key, (workdir, meta) in metas.items():
+    # A tokenizer reads its role's motion; a pretraining run every stream.
+    streams = ((f"{key[:-len('_vq')]}_motion",) if key.endswith("_vq")
                else normalization_lib.STREAMS)
     theirs = normalization_lib.from_meta(meta, workdir)
     for stream in streams:
@@ -565,10 +574,10 @@ def task_from_config(config) -> DIMTask:
   """
   from dim_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   normalization = pipeline.normalization_for(config, pipeline.ensure_data(config))
-  found = tokenizer_configs(config)
-  check_normalization(normalization, {k: v for k, v in found.items() if k.startswith("_")})
+  metas = init_metas(config)
+  check_normalization(normalization, metas)
   return DIMTask.from_config(config, normalization=normalization,
-                             **{k: v for k, v in found.items() if not k.startswith("_")})
+                             **tokenizer_configs(config, metas))
 
 
 def vq_config_from_meta(meta_model: dict) -> vqvae.VQConfig:

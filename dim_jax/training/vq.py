@@ -107,9 +107,10 @@ class VQTask:
     frames = jnp.maximum(valid.sum(), 1.0)
     abs_err = jnp.abs(out["reconstruction"] - target) * valid
     per_dim = abs_err if self.reconstruction_loss == "l1" else jnp.square(abs_err)
-    rec_l1 = (per_dim * self.dim_weights()).sum() / (frames * target.shape[-1])
-    loss = rec_l1 + self.quant_loss_weight * out["quant_loss"]
-    metrics = dict(rec_l1=rec_l1, quant_loss=out["quant_loss"], perplexity=out["perplexity"],
+    # The weighted reconstruction term: L1 (official) or MSE, per reconstruction_loss.
+    reconstruction = (per_dim * self.dim_weights()).sum() / (frames * target.shape[-1])
+    loss = reconstruction + self.quant_loss_weight * out["quant_loss"]
+    metrics = dict(reconstruction=reconstruction, quant_loss=out["quant_loss"], perplexity=out["perplexity"],
                    pose_l1=abs_err[..., POSE].sum() / (frames * 6),
                    expression_l1=abs_err[..., EXPRESSION].sum() / (frames * 50))
     if self.restart_dead_codes:
@@ -151,13 +152,13 @@ class VQTask:
     valid = batch["mask"][..., None].astype(jnp.float32)
     err = (out["reconstruction"] - target) * valid
     per_dim = jnp.abs(err) if self.reconstruction_loss == "l1" else jnp.square(err)
-    model_abs = (per_dim * self.dim_weights()).sum()  # the training objective's units
+    objective = (per_dim * self.dim_weights()).sum()  # the training loss's reconstruction term
     if self.normalization is not None:
       # Raw units (radians, EMOCA coefficients): the mean cancels in errors and variances.
       scale = self.normalization.std(self.motion_key)
       err, target = err * scale, target * scale
     frames = valid.sum()
-    return dict(frames=frames, model_abs=model_abs,
+    return dict(frames=frames, objective=objective,
                 pose_abs=jnp.abs(err[..., POSE]).sum(), expression_abs=jnp.abs(err[..., EXPRESSION]).sum(),
                 pose_sq=jnp.square(err[..., POSE]).sum(),
                 expression_sq=jnp.square(err[..., EXPRESSION]).sum(),
@@ -175,9 +176,9 @@ class VQTask:
     quant = float(sums["quant_loss"]) / frames
     mean = np.asarray(sums["target_sum"], np.float64) / frames
     variance = np.maximum(np.asarray(sums["target_sq"], np.float64) / frames - mean**2, 1e-12)
-    # The validation loss (checkpoint selection) is the training objective: L1 in model units.
-    model_l1 = float(sums["model_abs"]) / (frames * 56)
-    return dict(loss=model_l1 + self.quant_loss_weight * quant, rec_l1=rec_l1, quant_loss=quant,
+    # The validation loss (checkpoint selection) is the training objective, in model units.
+    reconstruction = float(sums["objective"]) / (frames * 56)
+    return dict(loss=reconstruction + self.quant_loss_weight * quant, rec_l1=rec_l1, quant_loss=quant,
                 pose_l1=float(sums["pose_abs"]) / (frames * 6),
                 expression_l1=float(sums["expression_abs"]) / (frames * 50),
                 pose_mse=float(sums["pose_sq"]) / (frames * 6),
