@@ -431,6 +431,10 @@ def generate_config() -> ml_collections.ConfigDict:
   config.generate.start = "first_frame"
   config.generate.window = 0          # frames per generated window; 0 = the model's data.max_len.
   config.generate.window_overlap = -1  # frames shared with the previous window; -1 = window // 4.
+  # What to write (dim_jax/handoff.py): 'npy' = sample_<k>/<clip>.npy; 'pickle' = the official
+  # predictions pickle per sample; 'emoca' = per-frame EMOCA folders PIRenderer reads.
+  config.generate.formats = "npy,pickle"
+  config.generate.emoca_smoothing = 0  # moving-average frames for the EMOCA folders (official: 10).
   sampling = ml_collections.ConfigDict()
   sampling.temperature = 1.0       # 0 = greedy.  Official: 1.0 with top-k over 10 %.
   sampling.top_k = 0               # a count; 0 = use top_k_fraction.

@@ -20,9 +20,9 @@ from frame 0's token; every later window is prompted with the model's own tokens
 O frames (the previous window's last O, `sampler.generate_tokens(prompt_tokens=...)`) and
 samples only the rest, so the tokens form one stream and no window restarts. A Python loop
 over windows (not frames) calls one jitted window step: one compiled program per (batch,
-samples) shape whatever the clip length; the host assembles the clip. Each window's tokens are VQ-decoded on their own and the decodes are cross-faded
-linearly over the overlaps (`crossfade_weights`); `seam_statistics` measures what is left of
-the seams.
+samples) shape whatever the clip length; the host assembles the clip. Each window's tokens
+are VQ-decoded on their own and the decodes are cross-faded linearly over the overlaps
+(`crossfade_weights`); `seam_statistics` measures what is left of the seams.
 
 Frame 0 (`start`): 'first_frame' (the official protocol) takes the VQ code of a still window
 repeating the ground truth's first frame (token 0), so no later ground-truth frame reaches the
@@ -35,9 +35,11 @@ position masked) and the no-VQ ablation use no ground truth in either mode; thei
 generated independently and cross-faded the same way. N samples per input are one batch.
 
 The phase reads the split's clips directly (`records.read_clips`, raw units), groups them by
-window count, and writes `<workdir>/generated/sample_<k>/<clip_id>.npy` ((T, 56) float32 raw
-units, one file per clip and sample) and `<workdir>/generated/sampling.json` (settings, source
-checkpoint, errors against the ground truth), each file written to a temporary name and
+window count, and writes into `<workdir>/generated/`, in raw units, the formats of
+`generate.formats` (`handoff`): `sample_<k>/<clip_id>.npy` ((T, 56) float32, one file per clip
+and sample), the official predictions pickle per sample, the per-frame EMOCA folders PIRenderer
+reads, `render.md` (which official script reads which file), and `sampling.json` (settings,
+source checkpoint, errors against the ground truth); files are written to a temporary name and
 renamed.
 """
 
@@ -47,13 +49,13 @@ import dataclasses
 import functools
 import logging
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dim_jax import files, sampler
+from dim_jax import files, handoff, sampler
 from dim_jax.data import pipeline, records
 from dim_jax.models import dim as dim_lib
 from dim_jax.models import vqvae
@@ -420,6 +422,44 @@ def write_samples(out_dir: str, samples: dict[str, np.ndarray], num_samples: int
                             np.asarray(stacked[k], np.float32))
 
 
+def write_handoff(out_dir: str, samples: dict[str, np.ndarray],
+                  truths: dict[str, Optional[np.ndarray]], num_samples: int, *, role: str,
+                  formats: Sequence[str] = ("npy",), emoca_smoothing: int = 0,
+                  fps: Optional[float] = None, process_index: int = 0,
+                  process_count: int = 1) -> None:
+  """Writes `samples` ({clip: [S, T, 56]} raw) in every format of `formats` (handoff.FORMATS).
+
+  npy: `sample_<k>/<clip>.npy`; emoca: `emoca/sample_<k>/<clip>/<frame>/{pose,exp}.npy` (each
+  process its share of clips, as for npy); pickle: `<role>_predictions_sample_<k>.pkl`
+  (process 0: every process holds every clip); plus `render.md` (process 0) unless only npy.
+  """
+  if "npy" in formats:
+    write_samples(out_dir, samples, num_samples, process_index=process_index,
+                  process_count=process_count)
+  names = {clip: handoff.clip_folder_name(clip) for clip in samples}
+  if len(set(names.values())) != len(names):
+    raise ValueError("two clip ids map to the same EMOCA folder name")
+  if "emoca" in formats:
+    for i, (clip, stacked) in enumerate(samples.items()):
+      if i % process_count != process_index:
+        continue
+      for k in range(num_samples):
+        handoff.write_emoca_frames(os.path.join(out_dir, "emoca", f"sample_{k}", names[clip]),
+                                   handoff.smooth(stacked[k], emoca_smoothing))
+  if process_index != 0:
+    return
+  if "pickle" in formats:
+    for k in range(num_samples):
+      handoff.write_predictions(
+          os.path.join(out_dir, handoff.PREDICTIONS_NAME.format(role=role, sample=k)),
+          [samples[clip][k] for clip in samples], [truths.get(clip) for clip in samples],
+          [names[clip] for clip in samples])
+  if set(formats) - {"npy"}:
+    files.write_text_atomic(os.path.join(out_dir, "render.md"), handoff.render_instructions(
+        role=role, formats=formats, num_samples=num_samples, smoothing=emoca_smoothing,
+        fps=fps))
+
+
 def seam_statistics(samples: np.ndarray, lengths: np.ndarray, window: int,
                     overlap: int) -> dict[str, Any]:
   """Frame-to-frame motion change at window seams versus inside windows.
@@ -494,12 +534,16 @@ def run_generate(config, workdir: str) -> dict:
   if not clips:
     raise records.RecordError(f"{data_dir}: split {gc.split!r} has no clips to generate for")
   num_samples = int(gc.num_samples)
+  formats = handoff.parse_formats(gc.get("formats", "npy"))
+  smoothing = int(gc.get("emoca_smoothing", 0))
   out_dir = os.path.join(workdir, "generated")
   # Every process generates every clip (the same numbers as one process) and writes its share.
   samples = generate_clips(generator, clips, num_samples, jax.random.PRNGKey(int(gc.seed)),
                            batch_size=int(gc.batch_size), start=start)
-  write_samples(out_dir, samples, num_samples, process_index=jax.process_index(),
-                process_count=jax.process_count())
+  truths = {clip["clip_id"]: clip[f"{generator.role}_motion"] for clip in clips}
+  write_handoff(out_dir, samples, truths, num_samples, role=generator.role, formats=formats,
+                emoca_smoothing=smoothing, fps=float(clips[0]["fps"]),
+                process_index=jax.process_index(), process_count=jax.process_count())
   errors = {"pose_abs": 0.0, "expression_abs": 0.0, "pose_sq": 0.0, "expression_sq": 0.0,
             "frames": 0}
   for clip in clips:
@@ -515,6 +559,7 @@ def run_generate(config, workdir: str) -> dict:
       role=generator.role, clips=len(clips), num_samples=num_samples, split=gc.split,
       source=generator.source, sampling=sampling.to_dict(), seed=int(gc.seed),
       start=model_cfg.start, ground_truth=start, window=generator.window,
+      formats=list(formats), emoca_smoothing=smoothing,
       window_overlap=generator.overlap, decoding=model_cfg.decoding,
       normalized=generator.task.normalization is not None,
       pose_l1=errors["pose_abs"] / (frames * 6), expression_l1=errors["expression_abs"] / (frames * 50),

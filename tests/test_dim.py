@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dim_jax import config_lib, phases
+from dim_jax import config_lib, handoff, phases
 from dim_jax.data import pipeline, records, synthetic
 from dim_jax.evaluation import evaluate as evaluate_lib
 from dim_jax.evaluation import metrics as metrics_lib
@@ -1006,8 +1006,34 @@ def finetuned(chain):
 @pytest.fixture(scope="module")
 def generated(chain, finetuned):
   out = str(chain["root"] / "generate_sampled")
-  summary = phases.run(_generate_config(chain["data_dir"], finetuned, 2, 1.0), out)
+  config = _generate_config(chain["data_dir"], finetuned, 2, 1.0)
+  config.generate.formats = "npy,emoca,pickle"
+  summary = phases.run(config, out)
   return out, summary
+
+
+def test_generate_hands_off_emoca_folders_and_official_pickles(chain, generated):
+  """The EMOCA folders and the official predictions pickles hold exactly the .npy samples."""
+  out, summary = generated
+  root = os.path.join(out, "generated")
+  assert summary["formats"] == ["npy", "emoca", "pickle"]
+  clips = {c["clip_id"]: c for c in records.read_clips(chain["data_dir"], "test")}
+  for k in range(2):
+    predictions = handoff.read_predictions(
+        os.path.join(root, f"listener_predictions_sample_{k}.pkl"))
+    # postprocess2emoca.py names each clip's folder data_id.split('/')[-1].split('.')[0].
+    ids = [d.split("/")[-1].split(".")[0] for d in predictions["data_ids"]]
+    assert sorted(ids) == sorted(clips)
+    for clip_id, pred, truth in zip(ids, predictions["y_pred"], predictions["y_true"]):
+      npy = np.load(os.path.join(root, f"sample_{k}", f"{clip_id}.npy"))
+      np.testing.assert_array_equal(pred, npy)
+      np.testing.assert_array_equal(truth, clips[clip_id]["listener_motion"])
+      frames = handoff.read_emoca_frames(os.path.join(root, "emoca", f"sample_{k}", clip_id))
+      np.testing.assert_array_equal(frames, npy)  # emoca_smoothing 0: unsmoothed
+      pose = np.load(os.path.join(root, "emoca", f"sample_{k}", clip_id, "0", "pose.npy"))
+      np.testing.assert_array_equal(pose, npy[0, :6])
+  render = open(os.path.join(root, "render.md")).read()
+  assert "inference_newmodel.py" in render and "postprocess2emoca.py" in render
 
 
 def test_generate_phase_writes_one_file_per_clip_and_sample(chain, finetuned, generated):
