@@ -127,8 +127,9 @@ def vq_model_config() -> ml_collections.ConfigDict:
   model.zero_init_output = False   # ours: decoder output layer starts at 0 (True when tiny).
   model.leaky_slope = 0.2
   model.dropout_rate = 0.1         # after the positional encoding, as officially.
-  # 'time' (ours) or 'official_batch_index' (the official table indexed by batch position,
-  # needed to run official checkpoints identically) or 'none'.
+  # 'time' (ours); 'official_batch_index' (the official table indexed by batch position, as
+  # in official VQ training); 'official_first_row' (its row 0 for every sample: how official
+  # code tokenizes for DIM, one sample at a time; imported checkpoints use it); or 'none'.
   model.positional_encoding = "time"
   model.max_len = 5000
   model.compute_dtype = "float32"  # or 'bfloat16': bf16 matmul inputs, f32 accumulation.

@@ -11,7 +11,10 @@ Kept from the official code for checkpoint parity: attention scaled by
 GELU (the official `base_model_util.gelu`), no final norm after the transformer stacks.
 Deliberate difference: sinusoidal positions are indexed by time by default; the official
 `PositionalEncoding` indexes its table by the *batch* position (`pe[:x.size(0)]` on a
-batch-first tensor), available as `positional_encoding="official_batch_index"`.
+batch-first tensor), available as `positional_encoding="official_batch_index"`. The official
+code tokenizes one sample at a time wherever tokens feed DIM (its per-sample loops, batch 1
+in testing), so every frame there gets row 0: `positional_encoding="official_first_row"`, the
+setting imported official checkpoints run with (batched or not, the official numbers).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import numpy as np
 
 Array = jax.Array
 
-POSITIONAL_ENCODINGS = ("time", "official_batch_index", "none")
+POSITIONAL_ENCODINGS = ("time", "official_batch_index", "official_first_row", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,7 +230,7 @@ class Transformer(nn.Module):
 
 
 class PositionalEncoding(nn.Module):
-  """Adds the sinusoidal table (by time, or by batch position as officially) and dropout."""
+  """Adds the sinusoidal table (by time, by batch position as officially, or its row 0)."""
   config: VQConfig
 
   @nn.compact
@@ -239,6 +242,8 @@ class PositionalEncoding(nn.Module):
         if x.shape[1] > cfg.max_len:
           raise ValueError(f"sequence of {x.shape[1]} frames exceeds model.max_len={cfg.max_len}")
         x = x + table[None, : x.shape[1]].astype(x.dtype)
+      elif cfg.positional_encoding == "official_first_row":
+        x = x + table[0].astype(x.dtype)  # the official table at batch size 1
       else:
         x = x + table[: x.shape[0], None].astype(x.dtype)
     return nn.Dropout(cfg.dropout_rate, deterministic=not train)(x)
