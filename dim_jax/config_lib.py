@@ -436,6 +436,13 @@ def generate_config() -> ml_collections.ConfigDict:
   # predictions pickle per sample; 'emoca' = per-frame EMOCA folders PIRenderer reads.
   config.generate.formats = "npy,pickle"
   config.generate.emoca_smoothing = 0  # moving-average frames for the EMOCA folders (official: 10).
+  # From recordings instead of a split: a folder of <clip>.wav + <clip>.speaker.npy ([T, 56],
+  # listener models) [+ <clip>.first_frame.npy]; audio features made with HuBERT from
+  # hubert_dir (a Hugging Face checkpoint folder) at `hubert_layer` ('last' or an index).
+  config.generate.recordings = ""
+  config.generate.hubert_dir = ""
+  config.generate.hubert_layer = "last"
+  config.generate.fps = 30.0  # motion frame rate of the recordings' clips (the model's data).
   sampling = ml_collections.ConfigDict()
   sampling.temperature = 1.0       # 0 = greedy.  Official: 1.0 with top-k over 10 %.
   sampling.top_k = 0               # a count; 0 = use top_k_fraction.

@@ -408,6 +408,94 @@ def generate_clips(generator: Generator, clips: list[dict], num_samples: int, rn
   return out
 
 
+# --- generation from a recording: wav (+ the speaker's motion) -> listener / speaker motion ---
+
+def clips_from_recordings(recordings: Sequence[dict], extractor, *, fps: float,
+                          role: str = "listener") -> list[dict]:
+  """Clips for `generate_clips` from recordings: HuBERT features extracted, at the motion rate.
+
+  Args:
+    recordings: dicts with `clip_id`, `wav` (a path, or float mono 16 kHz samples), for a
+      listener model `speaker_motion` ([T, 56] raw EMOCA features of the speaker), and
+      optionally `first_frame` ([56] or [T', 56]: the predicted role's first frame, read
+      only with start='first_frame').
+    extractor: a `dim_jax.data.audio.AudioFeatureExtractor` (the one `tools/extract_audio.py`
+      uses: one batched, jitted HuBERT pass over every recording).
+    fps: the motion frame rate the model was trained at.
+    role: the generator's role; a speaker model needs only the wav.
+
+  Returns:
+    clip dicts as `records.read_clips` gives them (raw units); the audio is mapped to the
+    motion frames with the rule of `tools/convert_official.py --format emoca` (a listener
+    clip has the speaker motion's length, the wav must agree with it within 2 frames; a
+    speaker clip has the frames the audio covers). The predicted role's motion is zero but
+    for `first_frame`.
+  """
+  from dim_jax.data import audio as audio_lib  # pylint: disable=g-import-not-at-top
+  waves = [audio_lib.read_wav(r["wav"]) if isinstance(r["wav"], (str, os.PathLike))
+           else extractor.check(np.asarray(r["wav"], np.float32), f"{r['clip_id']} wav")
+           for r in recordings]
+  features = extractor(waves)
+  clips = []
+  for recording, feats in zip(recordings, features):
+    clip_id = recording["clip_id"]
+    source = str(recording["wav"]) if isinstance(recording["wav"], (str, os.PathLike)) else (
+        f"{clip_id} wav")
+    speaker = recording.get("speaker_motion")
+    if role == "listener":
+      if speaker is None:
+        raise ValueError(f"{clip_id}: a listener model needs the speaker's motion")
+      speaker = np.asarray(speaker, np.float32)
+      if speaker.ndim != 2 or speaker.shape[1] != records.MOTION_DIM or len(speaker) < 2:
+        raise ValueError(f"{clip_id}: speaker motion of shape {speaker.shape}; expected "
+                         f"[T >= 2, {records.MOTION_DIM}]")
+      frames = speaker.shape[0]
+    else:
+      frames = audio_lib.motion_frame_count(feats.shape[0], fps, extractor.frame_rate)
+      speaker = np.zeros((frames, records.MOTION_DIM), np.float32)
+    speaker_audio = audio_lib.to_motion_frame_rate(feats, fps, frames,
+                                                   audio_fps=extractor.frame_rate, source=source)
+    predicted = np.zeros((frames, records.MOTION_DIM), np.float32)
+    if recording.get("first_frame") is not None:
+      first = np.asarray(recording["first_frame"], np.float32).reshape(-1, records.MOTION_DIM)
+      predicted[0] = first[0]
+    clip = dict(clip_id=clip_id, speaker_motion=speaker, speaker_audio=speaker_audio,
+                length=frames, fps=float(fps), listener_motion=predicted)
+    if role == "speaker":
+      clip["speaker_motion"] = predicted
+    clips.append(clip)
+  return clips
+
+
+def read_recordings(directory: str, role: str = "listener") -> list[dict]:
+  """`<clip>.wav` (+ `<clip>.speaker.npy` [T, 56] for a listener model, optional
+  `<clip>.first_frame.npy`) of a folder -> `clips_from_recordings` inputs, sorted by clip."""
+  try:
+    names = sorted(os.listdir(directory))
+  except OSError as error:
+    raise files.explain_os_error(directory, error) from None
+  wavs = [n for n in names if n.lower().endswith(".wav")]
+  if not wavs:
+    raise ValueError(f"{directory}: no .wav files (expected <clip>.wav"
+                     + (" and <clip>.speaker.npy)" if role == "listener" else ")"))
+  recordings = []
+  for wav in wavs:
+    clip_id = wav[:-4]
+    recording = dict(clip_id=clip_id, wav=os.path.join(directory, wav))
+    for key, suffix in (("speaker_motion", ".speaker.npy"), ("first_frame", ".first_frame.npy")):
+      path = os.path.join(directory, clip_id + suffix)
+      if os.path.exists(path):
+        try:
+          recording[key] = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as error:
+          raise ValueError(f"{path}: not a readable .npy ({error})") from None
+      elif key == "speaker_motion" and role == "listener":
+        raise ValueError(f"{path}: missing (a listener model needs the speaker's motion "
+                         "beside each wav)")
+    recordings.append(recording)
+  return recordings
+
+
 def write_samples(out_dir: str, samples: dict[str, np.ndarray], num_samples: int, *,
                   process_index: int = 0, process_count: int = 1) -> None:
   """`<out_dir>/sample_<k>/<clip>.npy` ((T, 56) float32) for this process's share of clips."""
@@ -529,10 +617,14 @@ def run_generate(config, workdir: str) -> dict:
     raise ValueError("set init.model to the workdir of a finetune_listener / "
                      "finetune_speaker run")
   generator = Generator.from_workdir(config.init.model, sampling, **window_settings(gc))
-  data_dir = pipeline.ensure_data(config)
-  clips = records.read_clips(data_dir, gc.split)
-  if not clips:
-    raise records.RecordError(f"{data_dir}: split {gc.split!r} has no clips to generate for")
+  recordings_dir = gc.get("recordings", "")
+  if recordings_dir:
+    clips = _recording_clips(gc, recordings_dir, generator.role, start)
+  else:
+    data_dir = pipeline.ensure_data(config)
+    clips = records.read_clips(data_dir, gc.split)
+    if not clips:
+      raise records.RecordError(f"{data_dir}: split {gc.split!r} has no clips to generate for")
   num_samples = int(gc.num_samples)
   formats = handoff.parse_formats(gc.get("formats", "npy"))
   smoothing = int(gc.get("emoca_smoothing", 0))
@@ -540,13 +632,17 @@ def run_generate(config, workdir: str) -> dict:
   # Every process generates every clip (the same numbers as one process) and writes its share.
   samples = generate_clips(generator, clips, num_samples, jax.random.PRNGKey(int(gc.seed)),
                            batch_size=int(gc.batch_size), start=start)
-  truths = {clip["clip_id"]: clip[f"{generator.role}_motion"] for clip in clips}
+  # Recordings have no ground truth: no errors, y_true None in the pickles.
+  truths = {clip["clip_id"]: None if recordings_dir else clip[f"{generator.role}_motion"]
+            for clip in clips}
   write_handoff(out_dir, samples, truths, num_samples, role=generator.role, formats=formats,
                 emoca_smoothing=smoothing, fps=float(clips[0]["fps"]),
                 process_index=jax.process_index(), process_count=jax.process_count())
   errors = {"pose_abs": 0.0, "expression_abs": 0.0, "pose_sq": 0.0, "expression_sq": 0.0,
             "frames": 0}
   for clip in clips:
+    if recordings_dir:
+      break
     diff = samples[clip["clip_id"]] - clip[f"{generator.role}_motion"][None]
     errors["pose_abs"] += float(np.abs(diff[..., :6]).sum())
     errors["expression_abs"] += float(np.abs(diff[..., 6:]).sum())
@@ -556,7 +652,8 @@ def run_generate(config, workdir: str) -> dict:
   frames = max(errors["frames"], 1)
   model_cfg = generator.task.model.config
   summary = dict(
-      role=generator.role, clips=len(clips), num_samples=num_samples, split=gc.split,
+      role=generator.role, clips=len(clips), num_samples=num_samples,
+      split=None if recordings_dir else gc.split, recordings=recordings_dir or None,
       source=generator.source, sampling=sampling.to_dict(), seed=int(gc.seed),
       start=model_cfg.start, ground_truth=start, window=generator.window,
       formats=list(formats), emoca_smoothing=smoothing,
@@ -564,10 +661,33 @@ def run_generate(config, workdir: str) -> dict:
       normalized=generator.task.normalization is not None,
       pose_l1=errors["pose_abs"] / (frames * 6), expression_l1=errors["expression_abs"] / (frames * 50),
       pose_mse=errors["pose_sq"] / (frames * 6), expression_mse=errors["expression_sq"] / (frames * 50))
+  if recordings_dir:  # nothing to compare with
+    summary.update(pose_l1=None, expression_l1=None, pose_mse=None, expression_mse=None,
+                   hubert_dir=gc.hubert_dir, hubert_layer=str(gc.get("hubert_layer", "last")))
   if jax.process_index() == 0:
     files.write_json_atomic(os.path.join(out_dir, "sampling.json"), summary)
   logging.info("generated %d clips x %d samples into %s", len(clips), num_samples, out_dir)
   return summary
+
+
+def _recording_clips(gc, directory: str, role: str, start: str) -> list[dict]:
+  """The phase's clips from `generate.recordings` (see `read_recordings`)."""
+  from dim_jax.data import audio as audio_lib  # pylint: disable=g-import-not-at-top
+  if not gc.get("hubert_dir", ""):
+    raise ValueError("generate.recordings needs generate.hubert_dir: a Hugging Face HuBERT "
+                     "checkpoint folder (facebook/hubert-base-ls960, the features the model "
+                     "was trained on)")
+  recordings = read_recordings(directory, role)
+  if start == "first_frame":
+    missing = [r["clip_id"] for r in recordings if r.get("first_frame") is None]
+    if missing:
+      raise ValueError(f"{directory}: generate.start='first_frame' needs <clip>.first_frame.npy "
+                       f"(the {role}'s first frame) for {missing[:5]}; or set "
+                       "generate.start=none (no ground truth at all)")
+  layer = str(gc.get("hubert_layer", "last"))
+  extractor = audio_lib.AudioFeatureExtractor.from_pretrained(
+      gc.hubert_dir, layer=None if layer == "last" else int(layer))
+  return clips_from_recordings(recordings, extractor, fps=float(gc.get("fps", 30.0)), role=role)
 
 
 def window_settings(phase_config) -> dict[str, Optional[int]]:

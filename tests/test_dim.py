@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dim_jax import config_lib, handoff, phases
+from dim_jax import config_lib, generate, handoff, phases, sampler
 from dim_jax.data import pipeline, records, synthetic
 from dim_jax.evaluation import evaluate as evaluate_lib
 from dim_jax.evaluation import metrics as metrics_lib
@@ -1069,6 +1069,72 @@ def test_generate_phase_writes_one_file_per_clip_and_sample(chain, finetuned, ge
       np.testing.assert_array_equal(
           np.load(os.path.join(out, "generated", f"sample_{k}", f"{clip_id}.npy")),
           np.load(os.path.join(again, "generated", f"sample_{k}", f"{clip_id}.npy")))
+
+
+def _tone_sequence_wav(path, seconds, rate=22050):
+  """A 'recording': alternating tones and pauses, stereo int16 at 22.05 kHz (resampled)."""
+  t = np.arange(int(seconds * rate)) / rate
+  pitch = np.where((t // 0.25) % 2 == 0, 220.0, 330.0)
+  voiced = (t % 1.0) < 0.7  # 0.3-s pauses
+  left = 0.4 * np.sin(2 * np.pi * pitch * t) * voiced
+  stereo = np.stack([left, 0.5 * left], axis=1)
+  from scipy.io import wavfile  # pylint: disable=g-import-not-at-top
+  wavfile.write(path, rate, (stereo * 32767).astype(np.int16))
+
+
+def test_generate_from_a_recording_uses_the_extract_audio_features(chain, finetuned, tmp_path):
+  """Phase `generate` from <clip>.wav + <clip>.speaker.npy: HuBERT features made in the run
+  (the extractor `tools/extract_audio.py` uses, mapped to the motion rate as convert_official
+  does), no listener ground truth at all."""
+  import sys  # pylint: disable=g-import-not-at-top
+  from dim_jax.data import audio  # pylint: disable=g-import-not-at-top
+  from dim_jax.models import hubert  # pylint: disable=g-import-not-at-top
+  # A tiny random HuBERT with the 768-wide output the model's audio input has.
+  config = hubert.HubertConfig(num_hidden_layers=1, num_attention_heads=12,
+                               intermediate_size=64, conv_dim=(16,) * 7,
+                               num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=16)
+  hubert_dir = str(tmp_path / "hubert")
+  hubert.save_pretrained(hubert_dir, config, hubert.init_params(config, jax.random.PRNGKey(0)))
+  clip = max(records.read_clips(chain["data_dir"], "test"), key=lambda c: c["length"])
+  frames = int(clip["length"])
+  recordings = tmp_path / "recordings"
+  recordings.mkdir()
+  _tone_sequence_wav(str(recordings / "talk.wav"), frames / clip["fps"])
+  np.save(recordings / "talk.speaker.npy", clip["speaker_motion"])
+
+  gen_config = _generate_config(chain["data_dir"], finetuned, 2, 1.0)
+  gen_config.generate.recordings = str(recordings)
+  gen_config.generate.hubert_dir = hubert_dir
+  gen_config.generate.start = "none"
+  out = str(tmp_path / "generate")
+  summary = phases.run(gen_config, out)
+  assert summary["clips"] == 1 and summary["recordings"] == str(recordings)
+  assert summary["expression_mse"] is None  # no ground truth to compare with
+  written = [np.load(os.path.join(out, "generated", f"sample_{k}", "talk.npy")) for k in range(2)]
+  assert written[0].shape == (frames, 56) and np.all(np.isfinite(written[0]))
+  assert handoff.read_predictions(os.path.join(
+      out, "generated", "listener_predictions_sample_0.pkl"))["y_true"] == [None]
+
+  # The audio the model saw is what tools/extract_audio.py writes, mapped to 30 fps.
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools"))
+  import extract_audio  # pylint: disable=g-import-not-at-top,import-error
+  assert extract_audio.main(["--model_dir", hubert_dir, "--out", str(tmp_path / "features"),
+                             str(recordings / "talk.wav")]) == 0
+  extracted = np.load(tmp_path / "features" / "hubert" / "talk.npy")
+  extractor = audio.AudioFeatureExtractor.from_pretrained(hubert_dir)
+  clips = generate.clips_from_recordings(
+      [dict(clip_id="talk", wav=str(recordings / "talk.wav"), speaker_motion=clip["speaker_motion"])],
+      extractor, fps=clip["fps"])
+  np.testing.assert_array_equal(clips[0]["speaker_audio"],
+                                audio.to_motion_frame_rate(extracted, clip["fps"], frames))
+  assert np.abs(clips[0]["speaker_audio"]).sum() > 0
+  # ... and the Python API gives the phase's samples exactly.
+  gen = generate.Generator.from_workdir(finetuned, sampler.SamplingConfig(temperature=1.0),
+                                        window=16)
+  samples = generate.generate_clips(gen, clips, 2, jax.random.PRNGKey(0), batch_size=4,
+                                    start="none")["talk"]
+  for k in range(2):
+    np.testing.assert_array_equal(samples[k], written[k])
 
 
 def test_evaluate_scores_the_models_own_samples(chain, generated):

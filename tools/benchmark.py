@@ -11,6 +11,9 @@ Cases (official sizes, float32 and bfloat16 compute):
               `gen` case times the same path, including its tokenisation).
   `metrics`   seconds to evaluate 1,000 clips x 300 frames (lengths 150..300) with
               dim_jax.evaluation.metrics: k-means fit, dim_compat and per_sequence metrics.
+  `hubert`    seconds of audio per second of wall time of dim_jax.data.audio feature
+              extraction at hubert-base size (random weights), 4 clips x 7.5 s per call
+              (374 frames: the 375-frame bucket, little padding).
 Each measurement runs in its own child process
 (warm-up, then timed steps; median/min/max). With `--peer_python` (a venv holding torch and
 the packages of ../shared/peer/README.md) the PyTorch peer of the official architecture is
@@ -85,9 +88,31 @@ def metrics_child() -> dict:
               dim_compat_s=t2 - t1, per_sequence_s=t3 - t2, total_s=t3 - t0)
 
 
+def hubert_child() -> dict:
+  """Audio seconds per wall second of HuBERT-base feature extraction (random weights)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np
+  from dim_jax.data import audio
+  from dim_jax.models import hubert
+
+  config = hubert.HubertConfig()  # facebook/hubert-base-ls960's architecture
+  params = hubert.init_params(config, jax.random.PRNGKey(0))
+  clips, seconds = 4, 7.5
+  rng = np.random.default_rng(0)
+  waves = [(0.1 * rng.normal(size=int(seconds * hubert.SAMPLE_RATE))).astype(np.float32)
+           for _ in range(clips)]
+  extractor = audio.AudioFeatureExtractor(config, params, batch_size=clips)
+  compile_s, times = time_calls(lambda _: extractor(waves), warmup=1, steps=3)
+  n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+  return dict(clips=clips, clip_seconds=seconds, n_params=n_params, compile_s=compile_s,
+              times=times, audio_seconds_per_s=clips * seconds / statistics.median(times))
+
+
 def child(case: str, batch: int, frames: int, dtype: str, warmup: int, steps: int) -> dict:
   if case == "metrics":
     return metrics_child()
+  if case == "hubert":
+    return hubert_child()
   import functools  # pylint: disable=g-import-not-at-top
   import jax
   import numpy as np
@@ -195,9 +220,9 @@ def main():
     print(json.dumps(child(args.case, args.batch, args.frames, args.dtype, args.warmup,
                            args.steps)))
     return
-  if args.case == "metrics":  # One run, no dtypes or peer.
-    text = json.dumps(dict(case="metrics", machine=dict(cpus=os.cpu_count()), results=run_child(
-        ["--child", "--case", "metrics"], sys.executable, os.path.abspath(__file__))), indent=2)
+  if args.case in ("metrics", "hubert"):  # One run, no dtypes or peer.
+    text = json.dumps(dict(case=args.case, machine=dict(cpus=os.cpu_count()), results=run_child(
+        ["--child", "--case", args.case], sys.executable, os.path.abspath(__file__))), indent=2)
     print(text)
     if args.out:
       with open(args.out, "w", encoding="utf-8") as f:
