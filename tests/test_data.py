@@ -609,22 +609,40 @@ def test_train_batches_are_full_seeded_and_cover_all_clips(dataset_dir):
   assert len(seen) == 14
 
 
-def test_iterator_checkpoint_resumes_exactly(dataset_dir, tmp_path):
-  dataset = pipeline.make_dataset(str(dataset_dir), "train", batch_size=2, train=True,
-                                  seed=0, bucket_boundaries=[16, 32, 50], max_len=50,
-                                  shuffle_buffer=8)
-  iterator = iter(dataset)
+def test_iterator_checkpoint_resumes_exactly_across_epochs(dataset_dir, tmp_path):
+  # The defaults the official configs train with (shuffle buffer 1024 > the 14 windows of an
+  # epoch, parallel interleave over the 3 shards), 7 batches per epoch. Restored into a newly
+  # built dataset, the stream must continue exactly, also past epoch boundaries: with
+  # reshuffling `shuffle` + `repeat` it diverged at the first boundary after the checkpoint.
+  def make():
+    return pipeline.make_dataset(str(dataset_dir), "train", batch_size=2, train=True,
+                                 seed=0, bucket_boundaries=[16, 32, 50], max_len=50)
+
+  def batch_ids(batch):
+    return list(zip(batch["clip_id"].tolist(), batch["window_index"].tolist()))
+
+  total = 30  # more than 4 epochs
+  save_points = (1, 6, 7, 8, 13, 20)  # mid-epoch and around the boundaries
+  iterator = iter(make())
   batches = pipeline.as_numpy(iterator)
-  for _ in range(3):
-    next(batches)
-  saved = tf.train.Checkpoint(iterator=iterator).save(str(tmp_path / "ckpt"))
-  expected = [next(batches) for _ in range(4)]
-  fresh = iter(dataset)
-  tf.train.Checkpoint(iterator=fresh).restore(saved).assert_consumed()
-  resumed = [next(pipeline.as_numpy(fresh)) for _ in range(4)]
-  for a, b in zip(expected, resumed):
-    for key in a:
-      np.testing.assert_array_equal(a[key], b[key])
+  uninterrupted, saved = [], {}
+  for position in range(total):
+    if position in save_points:
+      saved[position] = tf.train.Checkpoint(iterator=iterator).write(
+          str(tmp_path / f"at{position}"))
+    uninterrupted.append(next(batches))
+  rebuilt = make()
+  for position, path in saved.items():
+    fresh = iter(rebuilt)
+    tf.train.Checkpoint(iterator=fresh).read(path).assert_consumed()
+    resumed = [batch for batch, _ in zip(pipeline.as_numpy(fresh), range(total - position))]
+    for index, (want, got) in enumerate(zip(uninterrupted[position:], resumed)):
+      assert batch_ids(got) == batch_ids(want), (position, position + index)
+      for key in want:
+        np.testing.assert_array_equal(got[key], want[key])
+  # Epochs differ in order (the comparison is not of one repeated order).
+  assert batch_ids(uninterrupted[0]) + batch_ids(uninterrupted[1]) != (
+      batch_ids(uninterrupted[7]) + batch_ids(uninterrupted[8]))
 
 
 def test_make_dataset_argument_checks(dataset_dir):

@@ -91,9 +91,12 @@ def test_eight_device_data_fsdp_mesh_matches_one_device(data_dir, tmp_path):
 
 
 def test_killed_run_resumes_exactly(data_dir, tmp_path):
-  common = ["--config.train.num_steps=6", "--config.train.log_every_steps=1",
-            "--config.train.eval_every_steps=6", "--config.train.checkpoint_every_steps=2",
-            "--config.model.dropout_rate=0.1", "--config.data.shuffle_buffer=16"]
+  # The default shuffle buffer (1024 > the 48 windows of an epoch: 6 batches) and 14 steps,
+  # so the resumed steps 5..14 cross two epoch boundaries: a restored tf.data iterator whose
+  # next epochs were ordered by lost seed-generator state diverged there (from step 7 on).
+  common = ["--config.train.num_steps=14", "--config.train.log_every_steps=1",
+            "--config.train.eval_every_steps=14", "--config.train.checkpoint_every_steps=4",
+            "--config.model.dropout_rate=0.1"]
   full = run_main(tmp_path / "full", data_dir, *common)
   assert full.returncode == 0, full.stderr[-3000:]
   a = losses(tmp_path / "full")
@@ -109,12 +112,11 @@ def test_killed_run_resumes_exactly(data_dir, tmp_path):
     resumed = run_main(workdir, data_dir, *flags)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     b = losses(workdir)
-    for step in (5, 6):
-      assert b[step] == pytest.approx(a[step], abs=1e-6), (data_state, step, a, b)
-    assert losses(workdir, "val/loss")[6] == pytest.approx(
-        losses(tmp_path / "full", "val/loss")[6], abs=1e-6)
-  # The resumed steps really depend on the data position: steps 5 and 6 differ.
-  assert a[5] != a[6]
+    assert {step: b[step] for step in range(5, 15)} == {step: a[step] for step in range(5, 15)}, (
+        data_state, a, b)
+    assert losses(workdir, "val/loss")[14] == losses(tmp_path / "full", "val/loss")[14]
+  # The resumed steps really depend on the data position: the losses all differ.
+  assert len({a[step] for step in range(5, 15)}) == 10
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):

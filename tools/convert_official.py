@@ -44,6 +44,21 @@ def _audio_fps(value: str) -> float | str:
   return fps
 
 
+def _byte_count(value: str) -> int:
+  """Parses --max_pickle_bytes: a positive byte count, optionally with K/M/G/T (powers of 1024)."""
+  scales = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+  text = value.strip().lower().removesuffix("b")
+  scale = scales.get(text[-1:], 1)
+  try:
+    count = float(text[:-1] if text[-1:] in scales else text) * scale
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"--max_pickle_bytes must be a byte count like 8G or 500M, got {value!r}") from None
+  if not count >= 1:
+    raise argparse.ArgumentTypeError("--max_pickle_bytes must be positive")
+  return int(count)
+
+
 def resolve_audio_fps(fmt: str, value: float | str | None) -> float | None:
   """Maps the --audio_fps flag to `official` semantics (None = match length).
 
@@ -93,11 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
                       "at the first one.")
   p.add_argument("--report", default=None,
                  help="Write a JSON report (per-clip notes, skipped inputs).")
+  p.add_argument("--max_pickle_bytes", type=_byte_count, default=None,
+                 help="Most memory one input pickle may make the converter "
+                      "allocate (e.g. 8G); default: half the memory available.")
   return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """Runs the conversion; returns the process exit status."""
+  """Runs the conversion; returns the process exit status.
+
+  Bad input (missing or unreadable files, forbidden or oversized pickles, bad
+  clips) is logged as one line naming the file, and the status is 1.
+  """
   args = build_parser().parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
   if args.num_shards < 1:
@@ -107,7 +129,19 @@ def main(argv: Sequence[str] | None = None) -> int:
   # Imported here so `--help` works without TensorFlow.
   from dim_jax.data import records
 
+  try:
+    return _convert(args, records)
+  except records.RecordError as e:
+    logging.error("%s", e)
+  except OSError as e:  # --out unwritable, a file vanishing mid-run, a full disk.
+    logging.error("%s: %s", e.filename or args.out, e.strerror or e)
+  return 1
+
+
+def _convert(args: argparse.Namespace, records: Any) -> int:
+  """The conversion itself; raises RecordError / OSError on bad input."""
   audio_fps = resolve_audio_fps(args.format, args.audio_fps)
+  official.check_src(args.src)
   ids = official.read_id_list(args.id_list) if args.id_list else None
   metadata = (official.read_vico_metadata(args.metadata)
               if args.metadata else None)
@@ -131,17 +165,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_length_diff=args.max_length_diff, ids=ids, metadata=metadata,
         split=args.split if metadata is not None else None,
         emoca_subdir=args.emoca_subdir or None,
-        on_error=on_error if args.skip_bad else None):
+        on_error=on_error if args.skip_bad else None,
+        max_pickle_bytes=args.max_pickle_bytes):
       if converted.notes:
         notes[converted.clip["clip_id"]] = list(converted.notes)
       yield converted.clip
 
-  try:
-    summary = records.write_split(args.out, args.split, clips(),
-                                  num_shards=args.num_shards)
-  except records.RecordError as e:
-    logging.error("%s", e)
-    return 1
+  summary = records.write_split(args.out, args.split, clips(),
+                                num_shards=args.num_shards)
   report: dict[str, Any] = {
       "format": args.format,
       "src": args.src,

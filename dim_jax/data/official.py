@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import math
 import os
 import pathlib
@@ -345,11 +346,16 @@ def make_clip(*, source: str, speaker_motion: np.ndarray,
   return ConvertedClip(clip=clip, source=source, notes=tuple(notes))
 
 
-def _load_dict(path: pathlib.Path, keys: Sequence[str]) -> dict[str, Any]:
-  """Safely loads a pickled dict and checks that `keys` are present."""
+def _load_dict(path: pathlib.Path, keys: Sequence[str],
+               max_pickle_bytes: int | None = None) -> dict[str, Any]:
+  """Safely loads a pickled dict and checks that `keys` are present.
+
+  `max_pickle_bytes` bounds what unpickling may allocate (see
+  `safe_pickle.load_pickle`; None: half the memory available).
+  """
   if not path.is_file():
     raise _record_error(f"{path}: file does not exist")
-  data = safe_pickle.load_pickle(path)
+  data = safe_pickle.load_pickle(path, max_bytes=max_pickle_bytes)
   if not isinstance(data, dict):
     raise _record_error(
         f"{path}: expected a pickled dict, got {type(data).__name__}")
@@ -364,17 +370,35 @@ def _load_dict(path: pathlib.Path, keys: Sequence[str]) -> dict[str, Any]:
 # ViCo / LM_Listener per-utterance pickles.
 
 
+def _read_text(path: PathLike, what: str, newline: str | None = None) -> str:
+  """The UTF-8 text of `path` (a BOM is dropped); errors name the file and what it is."""
+  try:
+    with open(path, encoding="utf-8-sig", newline=newline) as f:
+      return f.read()
+  except FileNotFoundError:
+    raise _record_error(f"{path}: {what} does not exist") from None
+  except IsADirectoryError:
+    raise _record_error(f"{path}: {what} is a directory, not a file") from None
+  except UnicodeDecodeError as e:
+    raise _record_error(f"{path}: {what} is not UTF-8 text ({e.reason} at byte "
+                        f"{e.start})") from None
+  except OSError as e:
+    raise _record_error(f"{path}: cannot read the {what} ({e.strerror})") from None
+
+
 def read_id_list(path: PathLike) -> list[str]:
   """Reads utterance ids, one per line; blank lines and '#' comments skipped.
 
   A trailing ".pkl" is stripped so lists of file names work too.
+
+  Raises:
+    RecordError: The file is missing, a directory, or not UTF-8 text.
   """
   ids = []
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      line = line.split("#", 1)[0].strip()
-      if line:
-        ids.append(line[:-4] if line.endswith(".pkl") else line)
+  for line in _read_text(path, "id list").splitlines():
+    line = line.split("#", 1)[0].strip()
+    if line:
+      ids.append(line[:-4] if line.endswith(".pkl") else line)
   return ids
 
 
@@ -385,11 +409,12 @@ def read_vico_metadata(path: PathLike) -> dict[str, VicoMeta]:
   defaults); columns are used by position, as the official loaders do.
 
   Raises:
-    RecordError: A row has fewer than 7 columns or an id repeats.
+    RecordError: The file is missing, a directory, not UTF-8 or not CSV, a row
+      has fewer than 7 columns or an id repeats.
   """
   out: dict[str, VicoMeta] = {}
-  with open(path, newline="", encoding="utf-8") as f:
-    rows = csv.reader(f)
+  rows = csv.reader(io.StringIO(_read_text(path, "metadata CSV", newline="")))
+  try:
     next(rows, None)  # Header.
     for line_no, row in enumerate(rows, start=2):
       if not row or not any(cell.strip() for cell in row):
@@ -404,13 +429,17 @@ def read_vico_metadata(path: PathLike) -> dict[str, VicoMeta]:
         raise _record_error(
             f"{path}: line {line_no} repeats utterance id '{meta.clip_id}'")
       out[meta.clip_id] = meta
+  except csv.Error as e:
+    raise _record_error(f"{path}: not a readable CSV file (line {rows.line_num}: "
+                        f"{e})") from None
   return out
 
 
 def convert_vico_file(path: PathLike, *, fps: float = DEFAULT_FPS["vico"],
                       audio_fps: float | None = None,
                       max_length_diff: int = DEFAULT_MAX_LENGTH_DIFF,
-                      meta: VicoMeta | None = None) -> ConvertedClip:
+                      meta: VicoMeta | None = None,
+                      max_pickle_bytes: int | None = None) -> ConvertedClip:
   """Converts one ViCo / LM_Listener-style utterance pickle.
 
   Args:
@@ -421,12 +450,15 @@ def convert_vico_file(path: PathLike, *, fps: float = DEFAULT_FPS["vico"],
       identity for them.
     max_length_diff: See `make_clip`.
     meta: Metadata row for speaker/listener ids; ids are "" without it.
+    max_pickle_bytes: Bound of what unpickling may allocate (None: half the
+      memory available; `safe_pickle.load_pickle`).
 
   Returns:
     The converted clip. session_id is the clip id (ViCo has no session ids).
   """
   path = pathlib.Path(path)
-  data = _load_dict(path, ("video_speaker", "video_listener", "audio"))
+  data = _load_dict(path, ("video_speaker", "video_listener", "audio"),
+                    max_pickle_bytes)
   clip_id = path.stem
   return make_clip(
       source=str(path),
@@ -488,8 +520,8 @@ def candor_sources(src: PathLike, ids: Iterable[str] | None = None
 def convert_candor_pair(speaker_path: PathLike, listener_path: PathLike, *,
                         fps: float = DEFAULT_FPS["candor"],
                         audio_fps: float | None = None,
-                        max_length_diff: int = DEFAULT_MAX_LENGTH_DIFF
-                        ) -> ConvertedClip:
+                        max_length_diff: int = DEFAULT_MAX_LENGTH_DIFF,
+                        max_pickle_bytes: int | None = None) -> ConvertedClip:
   """Converts one CANDOR utterance (speaker pickle + listener pickle).
 
   The listener window of the official preprocessing starts one frame
@@ -501,6 +533,7 @@ def convert_candor_pair(speaker_path: PathLike, listener_path: PathLike, *,
     fps: Video frame rate (official processed CANDOR: 5).
     audio_fps: See `make_clip` (processed CANDOR audio is already 5 fps).
     max_length_diff: See `make_clip`.
+    max_pickle_bytes: See `convert_vico_file`.
 
   Returns:
     The converted clip. clip_id is the file stem `<session>_<utterance>`,
@@ -509,8 +542,8 @@ def convert_candor_pair(speaker_path: PathLike, listener_path: PathLike, *,
   """
   speaker_path = pathlib.Path(speaker_path)
   listener_path = pathlib.Path(listener_path)
-  speaker = _load_dict(speaker_path, ("video", "audio"))
-  listener = _load_dict(listener_path, ("video",))
+  speaker = _load_dict(speaker_path, ("video", "audio"), max_pickle_bytes)
+  listener = _load_dict(listener_path, ("video",), max_pickle_bytes)
   clip_id = speaker_path.stem
   source = f"{speaker_path} + {listener_path}"
   return make_clip(
@@ -567,7 +600,8 @@ def load_emoca_folder(folder: PathLike) -> np.ndarray:
   return check_array(motion, str(folder), "motion", MOTION_DIM)
 
 
-def load_hubert(path: PathLike) -> np.ndarray:
+def load_hubert(path: PathLike,
+                max_pickle_bytes: int | None = None) -> np.ndarray:
   """Loads HuBERT features [T_a, 768] from `.npy` or a pickle.
 
   Pickles may hold the array, a [1, T_a, 768] array, or a list/tuple whose
@@ -584,7 +618,7 @@ def load_hubert(path: PathLike) -> np.ndarray:
     except (ValueError, OSError, EOFError) as e:
       raise _record_error(f"{path}: unreadable .npy ({e})") from e
   else:
-    value = safe_pickle.load_pickle(path)
+    value = safe_pickle.load_pickle(path, max_bytes=max_pickle_bytes)
     if isinstance(value, (list, tuple)):
       if not value:
         raise _record_error(f"{path}: empty {type(value).__name__}")
@@ -622,7 +656,8 @@ def convert_emoca_utterance(src: PathLike, meta: VicoMeta, *,
                             fps: float = DEFAULT_FPS["emoca"],
                             audio_fps: float | None = HUBERT_FPS,
                             max_length_diff: int = DEFAULT_MAX_LENGTH_DIFF,
-                            emoca_subdir: str | None = DEFAULT_EMOCA_SUBDIR
+                            emoca_subdir: str | None = DEFAULT_EMOCA_SUBDIR,
+                            max_pickle_bytes: int | None = None
                             ) -> ConvertedClip:
   """Converts one utterance from raw EMOCA folders and HuBERT features.
 
@@ -640,6 +675,7 @@ def convert_emoca_utterance(src: PathLike, meta: VicoMeta, *,
     audio_fps: HuBERT frame rate (50); None stretches to match length.
     max_length_diff: See `make_clip`.
     emoca_subdir: Optional sub-folder inside each video folder.
+    max_pickle_bytes: See `convert_vico_file` (HuBERT pickles).
 
   Returns:
     The converted clip (session_id is the clip id).
@@ -652,7 +688,7 @@ def convert_emoca_utterance(src: PathLike, meta: VicoMeta, *,
   audio_path = _find_in(src / "hubert", meta.clip_id, (".pkl", ".npy"))
   speaker = load_emoca_folder(speaker_dir)
   listener = load_emoca_folder(listener_dir)
-  audio = load_hubert(audio_path)
+  audio = load_hubert(audio_path, max_pickle_bytes)
   return make_clip(
       source=f"{speaker_dir} + {listener_dir} + {audio_path}",
       speaker_motion=speaker, listener_motion=listener, speaker_audio=audio,
@@ -665,6 +701,14 @@ def convert_emoca_utterance(src: PathLike, meta: VicoMeta, *,
 # Driver shared by the CLI and tests.
 
 
+def check_src(src: PathLike) -> None:
+  """Raises RecordError unless `src` is an existing dataset folder."""
+  if not os.path.exists(src):
+    raise _record_error(f"{src}: the dataset folder does not exist")
+  if not os.path.isdir(src):
+    raise _record_error(f"{src}: the dataset folder is a file, not a folder")
+
+
 def iter_converted(fmt: str, src: PathLike, *, fps: float | None = None,
                    audio_fps: float | None = None,
                    max_length_diff: int = DEFAULT_MAX_LENGTH_DIFF,
@@ -672,7 +716,8 @@ def iter_converted(fmt: str, src: PathLike, *, fps: float | None = None,
                    metadata: Mapping[str, VicoMeta] | None = None,
                    split: str | None = None,
                    emoca_subdir: str | None = DEFAULT_EMOCA_SUBDIR,
-                   on_error: Callable[[str, Exception], None] | None = None
+                   on_error: Callable[[str, Exception], None] | None = None,
+                   max_pickle_bytes: int | None = None
                    ) -> Iterator[ConvertedClip]:
   """Converts every selected utterance of a dataset, lazily.
 
@@ -692,18 +737,24 @@ def iter_converted(fmt: str, src: PathLike, *, fps: float | None = None,
     emoca_subdir: See `convert_emoca_utterance`.
     on_error: If given, called with (source, error) for each RecordError /
       OSError and the utterance is skipped; otherwise the error propagates.
+    max_pickle_bytes: See `convert_vico_file`.
 
   Yields:
     Converted clips in selection order.
+
+  Raises:
+    RecordError: `src` is not a directory (at the first clip), and see above.
   """
   if fmt not in DEFAULT_FPS:
     raise ValueError(f"unknown format {fmt!r}; expected one of "
                      f"{sorted(DEFAULT_FPS)}")
+  check_src(src)
   fps = DEFAULT_FPS[fmt] if fps is None else fps
   if ids is None and metadata is not None and split is not None:
     ids = [m.clip_id for m in metadata.values() if m.split == split]
   jobs: list[tuple[str, Callable[[], ConvertedClip]]] = []
-  common = dict(fps=fps, audio_fps=audio_fps, max_length_diff=max_length_diff)
+  common = dict(fps=fps, audio_fps=audio_fps, max_length_diff=max_length_diff,
+                max_pickle_bytes=max_pickle_bytes)
   if fmt == "vico":
     for path in vico_sources(src, ids):
       meta = metadata.get(path.stem) if metadata else None

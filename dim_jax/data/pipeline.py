@@ -16,17 +16,17 @@ Stages, in order:
    takes one frame from its neighbour (windows ``max_len - 1`` and 2 frames). Nothing is
    dropped or truncated; each window carries the ``clip_id`` and its ``window_index``, and
    concatenating a clip's windows by ``window_index`` gives the clip back.
-4. **Train only:** files are shuffled per epoch (file sharding), windows are shuffled with a
-   buffer of ``shuffle_buffer``, both from ``seed`` and reshuffled every epoch
-   deterministically, then the stream repeats forever (before batching, so no partial batch
-   is ever dropped at an epoch end).
+4. **Train only:** epoch ``e`` is its own pass over this host's files: the files are
+   permuted and the windows shuffled with a buffer of ``shuffle_buffer``, both seeded by
+   ``(seed, e)`` alone (stateless ops and fixed per-epoch shuffle seeds), and the passes
+   ``e = 0, 1, ...`` follow each other forever (before batching, so no partial batch is ever
+   dropped at an epoch end, and an epoch is exactly one pass).
 5. **Buckets.** Each window is zero-padded to the smallest bucket boundary >= its length,
    and windows of the same bucket are batched together: batches have one of
    ``len(bucket_boundaries)`` shapes and little padding. Train batches are always full;
    eval batches at the end of each bucket are topped up with filler rows
    (``example_mask`` False, all-zero, ``mask`` all False) to ``batch_size``.
-6. ``prefetch(PREFETCH_BATCHES)``; ``deterministic=True`` options throughout, and the
-   shuffle-and-repeat fusion off so an epoch is exactly one pass.
+6. ``prefetch(PREFETCH_BATCHES)``; ``deterministic=True`` options throughout.
 
 A batch (numpy, from ``as_numpy``), with b = ``batch_size`` and L the bucket length:
 ``speaker_motion`` / ``listener_motion`` float32 [b, L, 56], ``speaker_audio`` float32
@@ -35,9 +35,15 @@ valid frames), ``length`` int32 [b] (valid frames; 0 for filler), ``example_mask
 ``clip_id`` bytes object [b] (b"" for filler), ``window_index`` int32 [b], ``window_start`` int32
 [b] (the window's first frame in its clip: clips are reassembled by placing windows there).
 
-The iterator of the returned dataset can be saved with ``tf.train.Checkpoint(iterator=it)``.
-Its checkpoint holds the buffered elements: up to ``min(shuffle_buffer, windows per epoch)``
-windows (about 0.56 MB per 160-frame window), partial bucket batches and prefetched batches.
+The iterator of the returned dataset can be saved with ``tf.train.Checkpoint(iterator=it)``
+and restored into a freshly built dataset of the same arguments: the stream then continues
+exactly, across any number of epoch boundaries. The checkpoint holds counters (the epoch, the
+position in it) and the buffered elements: up to ``min(shuffle_buffer, windows per epoch)``
+windows (about 0.9 MB per 256-frame window), partial bucket batches and prefetched batches.
+It needs no random-generator state, as every epoch's order is a function of ``(seed, epoch)``
+(reshuffling ``shuffle`` + ``repeat`` kept the next epoch's order in seed generators that the
+checkpoint lost once the window shuffle had drained the epoch's files: restored iterators
+diverged at the next epoch boundary).
 """
 
 from __future__ import annotations
@@ -150,6 +156,78 @@ def _fill_rows(batch_size: int):
   return fill
 
 
+def _epoch_keys(seed: int, epoch: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+  """(file-order key, window-order key) of training epoch ``epoch``, stateless seeds [2].
+
+  Functions of ``(seed, epoch)`` only (Philox), so a restored iterator recomputes them and
+  its checkpoint needs no random-generator state.
+  """
+  epoch_key = tf.random.experimental.stateless_fold_in(
+      tf.constant([seed, 0], tf.int64), tf.cast(epoch, tf.int64), alg="philox")
+  # Two independent streams, so the file permutation and the window order are unrelated.
+  # (Which is which is arbitrary; tests/test_slurm.py needs seed 0 to read shard 0 of two
+  # first in epoch 0, as this order draws.)
+  window_key, file_key = tf.unstack(
+      tf.random.experimental.stateless_split(epoch_key, 2, alg="philox"))
+  return file_key, window_key
+
+
+def _shuffle_with_key(windows: tf.data.Dataset, buffer_size: int,
+                      key: tf.Tensor) -> tf.data.Dataset:
+  """``windows.shuffle(buffer_size)`` with its seeds drawn statelessly from ``key`` [2].
+
+  Built from the ``ShuffleDataset`` op, whose seeds are plain tensors: ``Dataset.shuffle``
+  inside a function (here the per-epoch one) adds a seed-generator resource that iterator
+  checkpoints refuse to save ("DummySeedGenerator is stateful"). The shuffle's position is
+  saved with its buffer, so a restored epoch continues exactly.
+  """
+  seeds = tf.random.stateless_uniform([2], seed=key, minval=1, maxval=2**62, dtype=tf.int64,
+                                      alg="philox")
+  specs = tf.nest.flatten(windows.element_spec)
+  shuffled = tf.raw_ops.ShuffleDataset(
+      input_dataset=tf.data.experimental.to_variant(windows),
+      buffer_size=tf.constant(buffer_size, tf.int64),
+      # Never both 0: the op would then seed itself at random.
+      seed=seeds[0], seed2=seeds[1], reshuffle_each_iteration=False,
+      output_types=[spec.dtype for spec in specs],
+      output_shapes=[spec.shape for spec in specs])
+  return tf.data.experimental.from_variant(shuffled, windows.element_spec)
+
+
+def _record_clips(shards: Sequence[records.Shard], *, file_order_key: Optional[tf.Tensor],
+                  record_shard: Optional[tuple[int, int]]) -> tf.data.Dataset:
+  """Clip source over dim_jax TFRecords: shard files -> checked records -> decoded clips.
+
+  Args:
+    shards: the files to read (this host's, see ``make_dataset``).
+    file_order_key: stateless seed [2] of a permutation of ``shards``; None reads them in
+      the given order.
+    record_shard: ``(count, index)``: keep records ``index::count`` of the fixed-order record
+      stream (before decoding, so other hosts' records cost no decode); None keeps all.
+
+  Returns:
+    Dataset of decoded clips (``records.decode_record``).
+  """
+  paths = tf.constant([shard.path for shard in shards], tf.string)
+  num_clips = tf.constant([shard.num_clips for shard in shards], tf.int64)
+  if file_order_key is not None:
+    order = tf.random.experimental.stateless_shuffle(tf.range(len(shards)), file_order_key,
+                                                     alg="philox")
+    paths, num_clips = tf.gather(paths, order), tf.gather(num_clips, order)
+  files = tf.data.Dataset.from_tensor_slices((paths, num_clips))
+  cycle_length = min(len(shards), _MAX_INTERLEAVE)
+  if cycle_length > 1:
+    dataset = files.interleave(records.file_records, cycle_length=cycle_length,
+                               block_length=1, num_parallel_calls=cycle_length,
+                               deterministic=True)
+  else:
+    dataset = files.flat_map(records.file_records)
+  if record_shard is not None:
+    dataset = dataset.shard(*record_shard)
+  return dataset.map(records.decode_record, num_parallel_calls=tf.data.AUTOTUNE,
+                     deterministic=True)
+
+
 def _check_arguments(batch_size: int, bucket_boundaries: Sequence[int], max_len: int,
                      process_index: int, process_count: int, shuffle_buffer: int) -> None:
   if batch_size < 1:
@@ -184,8 +262,9 @@ def make_dataset(data_dir: str, split: str, *, batch_size: int, train: bool, see
     data_dir: directory with ``dataset_info.json`` and the shards.
     split: split name, e.g. "train".
     batch_size: examples per batch on THIS host.
-    train: repeat forever, shuffle, full batches; else one ordered pass with filler rows.
-    seed: shuffle seed (unused when ``train`` is False).
+    train: shuffled epochs forever, full batches; else one ordered pass with filler rows.
+    seed: seed of every epoch's file order and window shuffle (unused when ``train`` is
+      False).
     bucket_boundaries: strictly ascending padded lengths; the last must be >= ``max_len``.
     max_len: longest window in frames (>= 3); longer clips are split into windows.
     process_index, process_count: this host and the number of hosts.
@@ -216,30 +295,29 @@ def make_dataset(data_dir: str, split: str, *, batch_size: int, train: bool, see
     raise ValueError(f"split {split!r} of {data_dir} has too few clips for "
                      f"{process_count} processes: process {process_index} would get none")
 
-  files = tf.data.Dataset.from_tensor_slices(
-      (tf.constant([shard.path for shard in shards], tf.string),
-       tf.constant([shard.num_clips for shard in shards], tf.int64)))
-  if train and shard_files:
-    files = files.shuffle(len(shards), seed=seed, reshuffle_each_iteration=True)
-  cycle_length = min(len(shards), _MAX_INTERLEAVE)
-  if cycle_length > 1:
-    dataset = files.interleave(records.file_records, cycle_length=cycle_length,
-                               block_length=1, num_parallel_calls=cycle_length,
-                               deterministic=True)
-  else:
-    dataset = files.flat_map(records.file_records)
-  if not shard_files and process_count > 1:
-    dataset = dataset.shard(process_count, process_index)
-  dataset = dataset.map(records.decode_record, num_parallel_calls=tf.data.AUTOTUNE,
+  record_shard = ((process_count, process_index) if not shard_files and process_count > 1
+                  else None)
+
+  def windows_of_one_pass(epoch: Optional[tf.Tensor] = None) -> tf.data.Dataset:
+    """This host's windows, one pass; training passes are ordered by ``(seed, epoch)``."""
+    file_key = window_key = None
+    if epoch is not None:
+      file_key, window_key = _epoch_keys(seed, epoch)
+    clips = _record_clips(shards, file_order_key=file_key if shard_files else None,
+                          record_shard=record_shard)
+    if normalization is not None:
+      clips = clips.map(_standardize(normalization), num_parallel_calls=tf.data.AUTOTUNE,
                         deterministic=True)
-  if normalization is not None:
-    dataset = dataset.map(_standardize(normalization), num_parallel_calls=tf.data.AUTOTUNE,
-                          deterministic=True)
-  dataset = dataset.flat_map(_windows(max_len))
+    windows = clips.flat_map(_windows(max_len))
+    if epoch is not None:
+      windows = _shuffle_with_key(windows, shuffle_buffer, window_key)
+    return windows
+
   if train:
-    # A different stream than the file shuffle, so the two permutations are unrelated.
-    dataset = dataset.shuffle(shuffle_buffer, seed=seed + 1, reshuffle_each_iteration=True)
-    dataset = dataset.repeat()
+    # Epochs 0, 1, 2, ... forever; the counter is part of every iterator checkpoint.
+    dataset = tf.data.Dataset.counter().flat_map(windows_of_one_pass)
+  else:
+    dataset = windows_of_one_pass()
 
   boundaries = tf.constant(list(bucket_boundaries), tf.int32)
   dataset = dataset.map(_pad_to_bucket(boundaries), num_parallel_calls=tf.data.AUTOTUNE,
@@ -257,10 +335,6 @@ def make_dataset(data_dir: str, split: str, *, batch_size: int, train: bool, see
 
   options = tf.data.Options()
   options.deterministic = True
-  # The fused shuffle-and-repeat fills its buffer across epoch boundaries; unfused, every
-  # epoch holds each window exactly once and the buffer (and so every iterator checkpoint)
-  # never exceeds one epoch of windows.
-  options.experimental_optimization.shuffle_and_repeat_fusion = False
   return dataset.with_options(options)
 
 
@@ -284,8 +358,66 @@ def as_numpy(iterator: Iterator[dict[str, tf.Tensor]]) -> Iterator[dict[str, np.
 
 # --- what the phases read: a config's splits, written first if synthetic ------------------
 
+# The splits each phase reads, and what for (named in errors).
+_TRAINING_SPLITS = {"train": "training", "val": "validation"}
+
+
+def phase_splits(config) -> dict[str, str]:
+  """{split: what the phase reads it for} of ``config.phase``."""
+  phase = config.get("phase", "")
+  if phase in ("vq", "pretrain", "finetune_listener", "finetune_speaker"):
+    return dict(_TRAINING_SPLITS)
+  if phase == "generate":
+    return {config.generate.split: "generation"}
+  if phase == "evaluate":
+    return {config.evaluate.split: "evaluation",
+            config.evaluate.train_split: "the baselines"}
+  return {}
+
+
+# TFRecord framing alone takes 16 bytes per record (length, CRCs).
+_MIN_RECORD_BYTES = 16
+
+
+def check_splits(data_dir: str, splits: dict[str, str], phase: str = "") -> None:
+  """Checks that every split in ``splits`` is listed, has all its shards and some clips.
+
+  One ``stat`` per shard (``records.split_shards``), so a phase fails before its first step
+  instead of when it first reads a split (validation, the baselines of ``evaluate``).
+
+  Args:
+    data_dir: the dataset.
+    splits: {split: what it is read for}, e.g. ``phase_splits(config)``.
+    phase: the phase that reads them, for the messages.
+
+  Raises:
+    records.RecordError: naming the data dir or shard file, the split and what is wrong.
+  """
+  info_path = os.path.join(data_dir, records.INFO_FILENAME)
+  for split, purpose in splits.items():
+    reader = f"phase {phase} reads it for {purpose}" if phase else f"read for {purpose}"
+    try:
+      shards = records.split_shards(data_dir, split)
+    except records.RecordError as error:
+      raise records.RecordError(f"{error}; {reader}") from None
+    if sum(shard.num_clips for shard in shards) == 0:
+      raise records.RecordError(
+          f"{data_dir}: split {split!r} has no clips ({len(shards)} shard file(s) listed in "
+          f"{info_path}, all with 0 clips); {reader}")
+    for shard in shards:
+      if shard.num_bytes < _MIN_RECORD_BYTES * shard.num_clips:
+        raise records.RecordError(
+            f"{shard.path}: {shard.num_bytes} bytes cannot hold the {shard.num_clips} clip(s) "
+            f"that {info_path} lists for split {split!r} (a record takes at least "
+            f"{_MIN_RECORD_BYTES} bytes): the shard is empty or truncated; {reader}")
+
+
 def ensure_data(config) -> str:
-  """Returns the data dir; writes the embedded synthetic dataset there if asked and absent."""
+  """Returns the data dir of ``config``, every split its phase reads checked.
+
+  With ``data.synthetic`` and no ``dataset_info.json`` there, first writes the embedded
+  synthetic dataset (only into an empty or new directory: ``synthetic.check_target_dir``).
+  """
   data_dir = config.data.dir
   if not data_dir:
     raise errors.ConfigError("config.data.dir is empty: name a directory of dim_jax TFRecords "
@@ -295,8 +427,13 @@ def ensure_data(config) -> str:
     if not config.data.synthetic:
       raise records.RecordError(f"{info}: no dataset here (set data.synthetic=True to generate "
                                 "the embedded synthetic dataset)")
+    from dim_jax.data import synthetic  # pylint: disable=g-import-not-at-top,cyclic-import
+    # Every process checks before any writes, so a refusal stops all of them alike.
+    synthetic.check_target_dir(data_dir)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("synthetic data dir checked")
     if jax.process_index() == 0:
-      from dim_jax.data import synthetic  # pylint: disable=g-import-not-at-top,cyclic-import
       logging.info("writing the synthetic dataset to %s", data_dir)
       synthetic.write_synthetic_dataset(
           data_dir, seed=int(config.data.synthetic_seed),
@@ -306,6 +443,7 @@ def ensure_data(config) -> str:
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices("synthetic data written")
+  check_splits(data_dir, phase_splits(config), config.get("phase", ""))
   return data_dir
 
 

@@ -55,11 +55,14 @@ generated, and splits with different prefixes are independent.
 
 from __future__ import annotations
 
+import json
+import os
 import zlib
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
+from dim_jax import files
 from dim_jax.data import records
 
 POSE_DIM = records.POSE_DIM
@@ -309,11 +312,99 @@ def generate_clips(num_clips: int, seed: int, min_len: int = 48, max_len: int = 
   return clips
 
 
+# Key of dataset_info.json that marks a complete dataset written by `write_synthetic_dataset`
+# (added last, after every split), with the arguments it was written with.
+INFO_MARKER = "synthetic"
+
+
+def _entries(count: int) -> str:
+  return f"{count} entr{'y' if count == 1 else 'ies'}"
+
+
+def _listing(names: list[str], shown: int = 4) -> str:
+  more = f" and {len(names) - shown} more" if len(names) > shown else ""
+  return ", ".join(names[:shown]) + more
+
+
+def check_target_dir(data_dir: str,
+                     arguments: Optional[dict[str, Any]] = None) -> Optional[dict[str, Any]]:
+  """Checks that the synthetic writer may use ``data_dir``; never writes.
+
+  The writer writes only into an absent or empty directory; a directory holding exactly a
+  complete synthetic dataset that it wrote (``INFO_MARKER`` in ``dataset_info.json``, no other
+  file) is reused.
+
+  Args:
+    data_dir: the directory to write into.
+    arguments: the writer's arguments; a reused dataset must have been written with the same
+      (None accepts any).
+
+  Returns:
+    None if the directory is absent or empty (write it), else the info dict of the reusable
+    synthetic dataset there.
+
+  Raises:
+    records.RecordError: anything else is there (the message names the directory, how many
+      entries it holds and a few of them), or a synthetic dataset written with other
+      arguments or missing shards.
+  """
+  if not os.path.lexists(data_dir):
+    return None
+  if not os.path.isdir(data_dir):
+    raise records.RecordError(f"{data_dir}: not a directory; the synthetic dataset needs an "
+                              "empty or new directory")
+  entries = sorted(os.listdir(data_dir))
+  if not entries:
+    return None
+  info = None
+  if records.INFO_FILENAME in entries:
+    try:
+      info = records.read_info(data_dir)
+    except records.RecordError:
+      info = None
+  marker = info.get(INFO_MARKER) if info else None
+  listed = ({records.INFO_FILENAME} | {shard["file"] for entry in info["splits"].values()
+                                       for shard in entry["shards"]}) if marker else set()
+  foreign = [name for name in entries if name not in listed]
+  if foreign:
+    if marker:
+      what = (f"{_entries(len(entries))}, {len(foreign)} of them not listed by its synthetic "
+              f"dataset_info.json ({_listing(foreign)})")
+    else:
+      if records.INFO_FILENAME not in entries:
+        info_file = "no dataset_info.json" + (
+            " (records of an incomplete dataset?)"
+            if any(name.endswith(".tfrecord") for name in entries) else "")
+      elif info is None:
+        info_file = "a dataset_info.json that cannot be read"
+      else:
+        info_file = "a dataset_info.json that the synthetic writer did not write"
+      what = f"{_entries(len(entries))} ({_listing(entries)}) and {info_file}"
+    raise records.RecordError(
+        f"{data_dir}: holds {what}; the synthetic dataset is written only into an empty or "
+        "new directory: choose another data.dir, or remove what is there")
+  written_with = marker.get("arguments") or {}
+  if arguments is not None and written_with != arguments:
+    differences = ", ".join(f"{key}={written_with.get(key)} (not {value})"
+                            for key, value in arguments.items()
+                            if written_with.get(key) != value)
+    raise records.RecordError(
+        f"{data_dir}: holds a synthetic dataset written with {differences}; choose another "
+        "directory, or remove it to write it again")
+  for split in info["splits"]:
+    records.split_shards(data_dir, split)  # every listed shard is there, at its size
+  return info
+
+
 def write_synthetic_dataset(data_dir: str, seed: int = 0, num_train: int = 256,
                             num_val: int = 32, num_test: int = 32, num_shards: int = 4,
                             min_len: int = 48, max_len: int = 160,
                             fps: float = 30.0) -> dict[str, Any]:
   """Writes train/val/test splits of synthetic clips as TFRecords under ``data_dir``.
+
+  Never writes into a directory holding a file that it did not write (``check_target_dir``):
+  ``data_dir`` must be absent or empty, or already hold the complete synthetic dataset of
+  the same arguments, which is then returned as it is.
 
   Args:
     data_dir: output directory (created if needed).
@@ -326,11 +417,26 @@ def write_synthetic_dataset(data_dir: str, seed: int = 0, num_train: int = 256,
 
   Returns:
     The dataset info dict (as written to ``dataset_info.json``).
+
+  Raises:
+    records.RecordError: ``data_dir`` holds something else (see ``check_target_dir``).
   """
+  arguments = dict(seed=int(seed), num_train=int(num_train), num_val=int(num_val),
+                   num_test=int(num_test), num_shards=int(num_shards), min_len=int(min_len),
+                   max_len=int(max_len), fps=float(fps))
+  existing = check_target_dir(data_dir, arguments)
+  if existing is not None:
+    return existing
   for split, count in (("train", num_train), ("val", num_val), ("test", num_test)):
     if count <= 0:
       continue
     clips = generate_clips(count, seed, min_len=min_len, max_len=max_len, fps=fps,
                            id_prefix=split)
     records.write_split(data_dir, split, clips, num_shards=max(1, min(num_shards, count)))
-  return records.read_info(data_dir)
+  # The marker goes in last: only a complete dataset carries it.
+  info = records.read_info(data_dir)
+  info[INFO_MARKER] = {"writer": "dim_jax.data.synthetic.write_synthetic_dataset",
+                       "arguments": arguments}
+  files.write_text_atomic(os.path.join(data_dir, records.INFO_FILENAME),
+                          json.dumps(info, indent=2, sort_keys=True) + "\n")
+  return info

@@ -292,13 +292,22 @@ class Checkpointer:
     return restored
 
   def restore_iterator(self, step: int, iterator) -> bool:
-    """Restores the data iterator position; False if this checkpoint has none for us."""
+    """Restores the data iterator position; False if this checkpoint has none for us.
+
+    Also False (with a warning) for an iterator state of another pipeline (another dim_jax
+    version or other data settings): tf.data cannot restore it into this one.
+    """
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
     try:
       self.manager.restore(step, args=ocp.args.Composite(
           data_iter=DataIteratorRestore(iterator)))
       return True
     except (FileNotFoundError, KeyError, ValueError) as error:  # pragma: no cover - fallback
       del error
+      return False
+    except tf.errors.OpError as error:
+      logging.warning("checkpoint %s step %d: its data iterator state does not fit this "
+                      "input pipeline (%s)", self.directory, step, _first_line(error))
       return False
 
   def all_steps(self) -> list[int]:

@@ -150,8 +150,11 @@ def _synchronized_batches(local_batches: Iterator[dict], template: dict) -> Iter
 
 
 def evaluate(task, params, *, dataset, mesh, compiled_eval, batch_size: int,
-             min_frames: int = 8) -> dict[str, float]:
-  """Full pass over a split; exact (sum, count) aggregation, padding never counted."""
+             min_frames: int = 8, split: str = "the evaluation split") -> dict[str, float]:
+  """Full pass over a split; exact (sum, count) aggregation, padding never counted.
+
+  ``split`` names the split in the error raised when it yields no batch.
+  """
   totals = None
   template = dict(pipeline.dummy_batch(batch_size, min_frames), example_mask=np.zeros(batch_size, bool))
   template["mask"][:] = False
@@ -160,7 +163,7 @@ def evaluate(task, params, *, dataset, mesh, compiled_eval, batch_size: int,
     sums = jax.device_get(sums)
     totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
   if totals is None:
-    raise records.RecordError(f"evaluation split is empty: {dataset}")
+    raise records.RecordError(f"{split}: no clips to evaluate on")
   return task.finalize_eval(totals)
 
 
@@ -266,7 +269,9 @@ def train_and_evaluate(config, workdir: str, task: Task, *, step_hooks: Sequence
     restored_iterator = tc.data_state == "iterator" and ckpt.restore_iterator(latest, train_iter)
     if not restored_iterator:
       if tc.data_state == "iterator":
-        logging.warning("no iterator state for this process; replaying the data pipeline")
+        logging.warning("no usable iterator state for this process; replaying the data "
+                        "pipeline")
+        train_iter = iter(train_ds)  # A fresh position, whatever a failed restore left.
       for _ in range(int(saved_meta.get("batches_consumed", latest))):
         next(train_iter)
     logging.info("resumed from %s at step %d", workdir, latest)
@@ -292,7 +297,8 @@ def train_and_evaluate(config, workdir: str, task: Task, *, step_hooks: Sequence
 
   run_validation = functools.partial(
       evaluate, task, dataset=val_ds, mesh=mesh, compiled_eval=compiled_eval,
-      batch_size=local_eval_batch, min_frames=min(config.data.bucket_boundaries))
+      batch_size=local_eval_batch, min_frames=min(config.data.bucket_boundaries),
+      split=f"{data_dir}: split 'val'")
   writer = metric_writer.MetricWriter(workdir)
   if latest is None and jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
