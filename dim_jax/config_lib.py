@@ -93,6 +93,9 @@ def unknown_field_message(config, dotted: str) -> str:
 def data_config() -> ml_collections.ConfigDict:
   data = ml_collections.ConfigDict()
   data.dir = ""                    # dim_jax TFRecords (docs/records.md); required.
+  # 'records' (data.dir holds our TFRecords) or 'tfds' (data.dir is a prepared dim_clips
+  # tfds dataset, <data_dir>/dim_clips/<config>/<version>: docs/tfds.md).
+  data.source = "records"
   data.synthetic = False           # write the embedded synthetic dataset into data.dir if absent.
   data.synthetic_seed = 0          # seed of the synthetic dataset.
   data.synthetic_num_train = 256   # synthetic clips per split.
@@ -100,7 +103,7 @@ def data_config() -> ml_collections.ConfigDict:
   data.synthetic_num_test = 32
   data.max_len = 256               # longer clips are split into consecutive windows (not dropped).
   data.bucket_boundaries = (64, 128, 256)  # padded lengths: one compiled shape each.
-  data.shuffle_buffer = 1024       # training shuffle buffer (clips).
+  data.shuffle_buffer = 1024       # training shuffle buffer (windows).
   # Ours: standardise the features with the training split's statistics (dataset_info.json):
   # 'part' = mean per dim, one std per part (pose, expression, audio); 'dimension' = a std
   # per dim; outputs are mapped back to raw units. 'none' = raw features, as the official

@@ -257,3 +257,65 @@ def test_official_vico_layout_matches_convert_official(tmp_path):
   assert set(conversion["notes"]["train"]) == {"utt_b", "utt_c"}
   assert [entry["source"] for entry in conversion["skipped"]["test"]] == [
       str(manual_dir / "utt_bad.pkl")]
+
+
+def _pipeline_config(data_dir: str, source: str):
+  from dim_jax import config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.shrink_to_tiny(config_lib.vq_config("listener"))
+  config.data.dir = data_dir
+  config.data.source = source
+  config.data.synthetic = False
+  config.data.max_len = 8
+  config.data.bucket_boundaries = (4, 8)
+  return config
+
+
+def test_pipeline_reads_the_tfds_source_like_the_records(synthetic_build):
+  """data.source=tfds: the phases' batches, clips and statistics equal the records'."""
+  from dim_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  records_dir, _, builder = synthetic_build
+  by_source = {}
+  for source, data_dir in (("records", records_dir), ("tfds", str(builder.data_dir))):
+    config = _pipeline_config(data_dir, source)
+    assert pipeline.ensure_data(config) == data_dir  # train and val checked
+    stats = pipeline.normalization_for(config, data_dir)
+    evaluation = list(pipeline.as_numpy(iter(pipeline.make_split_dataset(
+        config, data_dir, "val", train=False, batch_size=2))))
+    training = pipeline.make_split_dataset(config, data_dir, "train", train=True, batch_size=2)
+    train_windows = []
+    for batch in pipeline.as_numpy(iter(training.take(12))):
+      train_windows += [(c, int(w)) for c, w in zip(batch["clip_id"], batch["window_index"])]
+    by_source[source] = (stats, evaluation, train_windows,
+                         pipeline.read_split_clips(config, data_dir, "test"))
+  (stats, evaluation, train_windows, test_clips) = by_source["tfds"]
+  assert all(normalization.same(stats, by_source["records"][0], stream)
+             for stream in records.STREAM_WIDTHS)
+  # Evaluation: one pass over the same windows, standardised identically (the records
+  # interleave their files, tfds reads its files in turn: the order may differ).
+  def windows(batches):
+    out = {}
+    for batch in batches:
+      for row in np.flatnonzero(batch["example_mask"]):
+        n = batch["length"][row]
+        out[(batch["clip_id"][row], int(batch["window_index"][row]))] = {
+            key: batch[key][row, :n] for key in ("speaker_motion", "listener_motion",
+                                                 "speaker_audio")}
+    return out
+  got, want = windows(evaluation), windows(by_source["records"][1])
+  assert sorted(got) == sorted(want) and len(want) > 0
+  for key, arrays in want.items():
+    for stream, values in arrays.items():
+      np.testing.assert_array_equal(got[key][stream], values)
+  # Training: shuffled windows of the train split only; every window of an epoch once.
+  windows_per_epoch = sum(-(-clip["length"] // 8) for clip in
+                          records.read_clips(records_dir, "train"))
+  first_epoch = train_windows[:windows_per_epoch]
+  assert len(set(first_epoch)) == windows_per_epoch
+  assert all(clip.startswith(b"train") for clip, _ in train_windows)
+  _assert_same_clips(test_clips, records.read_clips(records_dir, "test"))
+  # A tfds dataset without a split the phase reads fails before the first step.
+  config = _pipeline_config(str(builder.data_dir), "tfds")
+  config.phase = "evaluate"
+  config.evaluate = dict(split="missing", train_split="train")
+  with pytest.raises(records.RecordError, match="missing"):
+    pipeline.ensure_data(config)

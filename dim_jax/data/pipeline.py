@@ -61,6 +61,8 @@ from dim_jax.data import normalization as normalization_lib
 from dim_jax.data import records
 
 STREAMS = tuple(records.STREAM_WIDTHS)
+# Where clips come from: our TFRecords, or the same clips as a tfds dataset (tfds_dataset).
+SOURCES = ("records", "tfds")
 # Parallel file readers per host; deterministic order does not depend on it.
 _MAX_INTERLEAVE = 8
 # Batches prefetched. Fixed rather than AUTOTUNE: prefetched batches are part of every
@@ -254,12 +256,13 @@ def make_dataset(data_dir: str, split: str, *, batch_size: int, train: bool, see
                  bucket_boundaries: Sequence[int], max_len: int,
                  process_index: int = 0, process_count: int = 1,
                  shuffle_buffer: int = 1024,
-                 normalization: Optional[normalization_lib.Normalization] = None
-                 ) -> tf.data.Dataset:
+                 normalization: Optional[normalization_lib.Normalization] = None,
+                 source: str = "records") -> tf.data.Dataset:
   """Builds this host's dataset of padded, length-bucketed batches (see module docstring).
 
   Args:
-    data_dir: directory with ``dataset_info.json`` and the shards.
+    data_dir: directory with ``dataset_info.json`` and the shards (``source="records"``),
+      or a prepared tfds dataset (``source="tfds"``, see ``tfds_dataset.load_builder``).
     split: split name, e.g. "train".
     batch_size: examples per batch on THIS host.
     train: shuffled epochs forever, full batches; else one ordered pass with filler rows.
@@ -271,6 +274,9 @@ def make_dataset(data_dir: str, split: str, *, batch_size: int, train: bool, see
     shuffle_buffer: windows in the shuffle buffer.
     normalization: statistics that standardise each stream per dimension (padding stays
       exactly 0, as it is added afterwards); None keeps raw features.
+    source: "records" (our TFRecords) or "tfds" (``tfds_dataset.DimClips``: the same clips,
+      the same host partition; its files are read in their stored order every epoch, the
+      windows shuffled per epoch as for records).
 
   Returns:
     A ``tf.data.Dataset`` of batch dicts; iterate it through ``as_numpy``.
@@ -281,16 +287,24 @@ def make_dataset(data_dir: str, split: str, *, batch_size: int, train: bool, see
   """
   _check_arguments(batch_size, bucket_boundaries, max_len, process_index, process_count,
                    shuffle_buffer)
-  shards = records.split_shards(data_dir, split)
-  shard_files = (len(shards) >= process_count and all(
-      sum(shard.num_clips for shard in shards[host::process_count]) > 0
-      for host in range(process_count)))
-  if shard_files:
-    shards = shards[process_index::process_count]
-    host_clips = sum(shard.num_clips for shard in shards)
+  if source not in SOURCES:
+    raise ValueError(f"data.source={source!r}; expected one of {SOURCES}")
+  if source == "tfds":
+    from dim_jax.data import tfds_dataset  # pylint: disable=g-import-not-at-top
+    partition = tfds_dataset.host_partition(data_dir, split, process_index=process_index,
+                                            process_count=process_count)
+    shards, shard_files, host_clips = [], False, partition.num_clips
   else:
-    total = sum(shard.num_clips for shard in shards)
-    host_clips = len(range(process_index, total, process_count))
+    shards = records.split_shards(data_dir, split)
+    shard_files = (len(shards) >= process_count and all(
+        sum(shard.num_clips for shard in shards[host::process_count]) > 0
+        for host in range(process_count)))
+    if shard_files:
+      shards = shards[process_index::process_count]
+      host_clips = sum(shard.num_clips for shard in shards)
+    else:
+      total = sum(shard.num_clips for shard in shards)
+      host_clips = len(range(process_index, total, process_count))
   if train and host_clips == 0:
     raise ValueError(f"split {split!r} of {data_dir} has too few clips for "
                      f"{process_count} processes: process {process_index} would get none")
@@ -303,8 +317,12 @@ def make_dataset(data_dir: str, split: str, *, batch_size: int, train: bool, see
     file_key = window_key = None
     if epoch is not None:
       file_key, window_key = _epoch_keys(seed, epoch)
-    clips = _record_clips(shards, file_order_key=file_key if shard_files else None,
-                          record_shard=record_shard)
+    if source == "tfds":
+      clips = tfds_dataset.clip_dataset(data_dir, split, process_index=process_index,
+                                        process_count=process_count)
+    else:
+      clips = _record_clips(shards, file_order_key=file_key if shard_files else None,
+                            record_shard=record_shard)
     if normalization is not None:
       clips = clips.map(_standardize(normalization), num_parallel_calls=tf.data.AUTOTUNE,
                         deterministic=True)
@@ -422,6 +440,9 @@ def ensure_data(config) -> str:
   if not data_dir:
     raise errors.ConfigError("config.data.dir is empty: name a directory of dim_jax TFRecords "
                      "(or one where the synthetic dataset should be written)")
+  if _source(config) == "tfds":
+    _check_tfds_splits(data_dir, phase_splits(config), config.get("phase", ""))
+    return data_dir
   info = os.path.join(data_dir, "dataset_info.json")
   if not os.path.exists(info):
     if not config.data.synthetic:
@@ -447,12 +468,43 @@ def ensure_data(config) -> str:
   return data_dir
 
 
+def _source(config) -> str:
+  source = config.data.get("source", "records")
+  if source not in SOURCES:
+    raise errors.ConfigError(f"data.source={source!r}; expected one of {SOURCES}")
+  return source
+
+
+def _check_tfds_splits(data_dir: str, splits: dict[str, str], phase: str) -> None:
+  """``check_splits`` for a tfds dataset: every split there, with clips."""
+  from dim_jax.data import tfds_dataset  # pylint: disable=g-import-not-at-top
+  for split, purpose in splits.items():
+    reader = f"phase {phase} reads it for {purpose}" if phase else f"read for {purpose}"
+    try:
+      clips = tfds_dataset.host_partition(data_dir, split).num_clips
+    except (records.RecordError, ValueError) as error:
+      raise records.RecordError(f"{error}; {reader}") from None
+    if clips == 0:
+      raise records.RecordError(f"{data_dir}: tfds split {split!r} has no clips; {reader}")
+
+
 def normalization_for(config, data_dir: str) -> Optional[normalization_lib.Normalization]:
   """The statistics a run standardises with (`data.normalize`), None for raw features."""
   scope = config.data.get("normalize", "part")
   if scope == "none":
     return None
+  if _source(config) == "tfds":
+    from dim_jax.data import tfds_dataset  # pylint: disable=g-import-not-at-top
+    return tfds_dataset.read_normalization(data_dir).with_scope(scope)
   return normalization_lib.for_dataset(data_dir).with_scope(scope)
+
+
+def read_split_clips(config, data_dir: str, split: str) -> list[dict]:
+  """A whole split as clip dicts (`records.read_clips`' form), from either source."""
+  if _source(config) == "tfds":
+    from dim_jax.data import tfds_dataset  # pylint: disable=g-import-not-at-top
+    return tfds_dataset.read_clips(data_dir, split)
+  return records.read_clips(data_dir, split)
 
 
 def make_split_dataset(config, data_dir: str, split: str, *, train: bool, batch_size: int):
@@ -461,7 +513,7 @@ def make_split_dataset(config, data_dir: str, split: str, *, train: bool, batch_
       bucket_boundaries=list(config.data.bucket_boundaries), max_len=int(config.data.max_len),
       process_index=jax.process_index(), process_count=jax.process_count(),
       shuffle_buffer=int(config.data.shuffle_buffer),
-      normalization=normalization_for(config, data_dir))
+      normalization=normalization_for(config, data_dir), source=_source(config))
 
 
 def dummy_batch(batch_size: int, frames: int = 8) -> dict[str, np.ndarray]:

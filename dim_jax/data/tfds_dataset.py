@@ -558,6 +558,16 @@ def clip_dataset(builder_or_dir, split: str, *, process_index: int = 0,
   return dataset.map(lambda example: {key: example[key] for key in CLIP_KEYS})
 
 
+def read_clips(builder_or_dir, split: str) -> list[dict[str, Any]]:
+  """A whole split, eagerly, in stored order, as ``records.read_clips`` returns it."""
+  builder = load_builder(builder_or_dir)
+  clips = list(_numpy_clips(clip_dataset(builder, split),
+                            f"{builder.data_dir} split {split!r}"))
+  for clip in clips:
+    clip["length"] = int(clip["speaker_motion"].shape[0])
+  return clips
+
+
 # --------------------------------------------------------------------------------------
 # Command line (`tfds build` in tfds 4.9.10 needs apache_beam even for this builder).
 # --------------------------------------------------------------------------------------

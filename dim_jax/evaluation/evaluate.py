@@ -262,7 +262,7 @@ def run_evaluate(config, workdir: str) -> dict:
     raise ValueError("set init.model to a finetune_listener / finetune_speaker workdir, or "
                      "evaluate.predictions to a directory of sample_<k>/<clip>.npy files")
   data_dir = pipeline.ensure_data(config)
-  clips = records.read_clips(data_dir, ec.split)
+  clips = pipeline.read_split_clips(config, data_dir, ec.split)
   if not clips:
     raise records.RecordError(f"{data_dir}: split {ec.split!r} has no clips")
   clip_ids = [c["clip_id"] for c in clips]
@@ -335,7 +335,7 @@ def run_evaluate(config, workdir: str) -> dict:
         [best_of_samples(samples[:n], truth, lengths, alignment=alignment,
                          clip_ids=clip_ids)], score))
 
-  train_clips = records.read_clips(data_dir, ec.train_split)
+  train_clips = pipeline.read_split_clips(config, data_dir, ec.train_split)
   if role == "speaker":  # Baselines predict the target role: swap the roles' motion.
     train_clips = [dict(c, speaker_motion=c["listener_motion"], listener_motion=c["speaker_motion"])
                    for c in train_clips]
