@@ -435,6 +435,7 @@ def generate_config() -> ml_collections.ConfigDict:
   config.generate.start = "first_frame"
   config.generate.window = 0          # frames per generated window; 0 = the model's data.max_len.
   config.generate.window_overlap = -1  # frames shared with the previous window; -1 = window // 4.
+  config.generate.weights = "float32"  # decoder kernels held as 'float32', 'bfloat16' or 'int8'.
   # What to write (dim_jax/handoff.py): 'npy' = sample_<k>/<clip>.npy; 'pickle' = the official
   # predictions pickle per sample; 'emoca' = per-frame EMOCA folders PIRenderer reads.
   config.generate.formats = "npy,pickle"
@@ -478,6 +479,7 @@ def evaluate_config() -> ml_collections.ConfigDict:
   ev.sampling = generate_config().generate.sampling
   ev.window = 0                    # generation window; 0 = the model's data.max_len.
   ev.window_overlap = -1           # frames shared by consecutive windows; -1 = window // 4.
+  ev.weights = "float32"           # decoder kernels as generate.weights ('bfloat16', 'int8').
   # A second model row generated without any ground truth (generate.start='none'); the
   # headline row sees the listener's first ground-truth frame, as the official protocol.
   ev.no_ground_truth_row = True

@@ -58,7 +58,7 @@ import numpy as np
 from dim_jax import files, handoff, sampler
 from dim_jax.data import pipeline, records
 from dim_jax.models import dim as dim_lib
-from dim_jax.models import vqvae
+from dim_jax.models import quantize, vqvae
 from dim_jax.training import checkpointing, dim_tasks
 
 GENERATING_PHASES = {"finetune_listener": "listener", "finetune_speaker": "speaker"}
@@ -109,6 +109,9 @@ class Generator:
     overlap: frames each window shares with the previous one (1 <= overlap <= window // 2;
       None = window // 4, at least 1).
     source: where the params come from (for the records).
+    weights: how the joint decoder's kernels are held: 'float32', 'bfloat16' or 'int8'
+      (per output column); `params` is quantized once here (`models/quantize.py`) and each
+      kernel is dequantized inside the jitted step where its matmul reads it.
   """
   task: dim_tasks.DIMTask
   params: Any
@@ -116,6 +119,7 @@ class Generator:
   window: int
   overlap: Optional[int] = None
   source: str = ""
+  weights: str = "float32"
 
   def __post_init__(self):
     window = int(self.window)
@@ -130,11 +134,12 @@ class Generator:
     if longest > cfg.max_seq_len:
       raise ValueError(f"generation window {window} needs {longest} decoder positions; "
                        f"model.max_seq_len is {cfg.max_seq_len}")
+    object.__setattr__(self, "params", quantize.quantize_params(self.params, self.weights))
 
   @classmethod
   def from_workdir(cls, workdir: str, sampling: sampler.SamplingConfig, step: str = "best",
-                   *, window: Optional[int] = None,
-                   overlap: Optional[int] = None) -> "Generator":
+                   *, window: Optional[int] = None, overlap: Optional[int] = None,
+                   weights: str = "float32") -> "Generator":
     """The checkpoint of a fine-tune workdir; `window` defaults to its `data.max_len`."""
     meta = checkpointing.load_meta(workdir, step)
     if meta.get("phase") not in GENERATING_PHASES:
@@ -157,7 +162,8 @@ class Generator:
           + "\n  ".join(problems[:50]))
     params = jax.tree.map(jnp.asarray, params)
     return cls(task=task, params=params, sampling=sampling, window=int(window),
-               overlap=overlap, source=f"{os.path.abspath(workdir)}@{meta['step']}")
+               overlap=overlap, source=f"{os.path.abspath(workdir)}@{meta['step']}",
+               weights=weights)
 
   @property
   def role(self) -> str:
@@ -622,7 +628,7 @@ def run_generate(config, workdir: str) -> dict:
     clips = _recording_clips(gc, recordings_dir, generator.role, start)
   else:
     data_dir = pipeline.ensure_data(config)
-    clips = records.read_clips(data_dir, gc.split)
+    clips = pipeline.read_split_clips(config, data_dir, gc.split)
     if not clips:
       raise records.RecordError(f"{data_dir}: split {gc.split!r} has no clips to generate for")
   num_samples = int(gc.num_samples)
@@ -657,7 +663,7 @@ def run_generate(config, workdir: str) -> dict:
       source=generator.source, sampling=sampling.to_dict(), seed=int(gc.seed),
       start=model_cfg.start, ground_truth=start, window=generator.window,
       formats=list(formats), emoca_smoothing=smoothing,
-      window_overlap=generator.overlap, decoding=model_cfg.decoding,
+      window_overlap=generator.overlap, decoding=model_cfg.decoding, weights=generator.weights,
       normalized=generator.task.normalization is not None,
       pose_l1=errors["pose_abs"] / (frames * 6), expression_l1=errors["expression_abs"] / (frames * 50),
       pose_mse=errors["pose_sq"] / (frames * 6), expression_mse=errors["expression_sq"] / (frames * 50))
@@ -690,8 +696,9 @@ def _recording_clips(gc, directory: str, role: str, start: str) -> list[dict]:
   return clips_from_recordings(recordings, extractor, fps=float(gc.get("fps", 30.0)), role=role)
 
 
-def window_settings(phase_config) -> dict[str, Optional[int]]:
-  """`Generator.from_workdir` window arguments from `generate.*` / `evaluate.*` fields."""
+def window_settings(phase_config) -> dict[str, Any]:
+  """`Generator.from_workdir` window (and weights) arguments from `generate.*` / `evaluate.*`."""
   window = int(phase_config.get("window", 0))
   overlap = int(phase_config.get("window_overlap", -1))
-  return dict(window=window or None, overlap=None if overlap < 0 else overlap)
+  return dict(window=window or None, overlap=None if overlap < 0 else overlap,
+              weights=str(phase_config.get("weights", "float32")))
