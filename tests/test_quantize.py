@@ -18,7 +18,7 @@ from dim_jax import config_lib, generate, sampler
 from dim_jax.data import pipeline
 from dim_jax.models import dim as dim_lib
 from dim_jax.models import quantize, vqvae
-from dim_jax.training import dim_tasks
+from dim_jax.training import checkpointing, dim_tasks
 from helpers import params as params_helper
 
 WINDOW = 16
@@ -118,22 +118,22 @@ def test_quantize_params_takes_the_joint_decoder_kernels_only():
   params = _params()
   assert quantize.quantize_params(params, "float32") is params
   q = quantize.quantize_params(params, "int8")
-  kernels = [p for p, x in _flat(params).items()
+  flat, flat_q = _flat(params), _flat(q)
+  kernels = [p for p, x in flat.items()
              if "joint_decoder/" in p and p.endswith("kernel") and x.ndim == 2]
   assert sorted(quantize.quantized_paths(q)) == sorted(kernels)
   assert len(kernels) == 10 * DECODER_DEPTH + 1  # q, k, v, out twice; ff in, out; logits
-  flat_q = _flat(q)
-  for path, x in _flat(params).items():
+  for path, x in flat.items():
     if path not in kernels:  # everything else is the very same array
       assert flat_q[path] is x, path
   # The decoder kernels take a quarter of their bytes plus one float32 scale per column.
-  kernel_bytes = sum(x.size * 4 for p, x in _flat(params).items() if p in kernels)
-  scale_bytes = sum(x.shape[1] * 4 for p, x in _flat(params).items() if p in kernels)
+  kernel_bytes = sum(flat[p].size * 4 for p in kernels)
+  scale_bytes = sum(flat[p].shape[1] * 4 for p in kernels)
   assert quantize.tree_bytes(params) - quantize.tree_bytes(q) == (
       kernel_bytes - kernel_bytes // 4 - scale_bytes)
-  # Quantizing twice is a no-op; another mode needs the float32 values.
-  assert quantize.quantize_params(q, "int8") is not None
-  assert jax.tree.structure(quantize.quantize_params(q, "int8")) == jax.tree.structure(q)
+  # Quantizing twice is a no-op (the same boxes); another mode needs the float32 values.
+  assert all(a is b for a, b in zip(_flat(quantize.quantize_params(q, "int8")).values(),
+                                    flat_q.values()))
   with pytest.raises(ValueError, match="already quantized to int8"):
     quantize.quantize_params(q, "bfloat16")
   with pytest.raises(ValueError, match="weights='int4'"):
@@ -143,7 +143,7 @@ def test_quantize_params_takes_the_joint_decoder_kernels_only():
 def _flat(tree):
   leaves = jax.tree_util.tree_flatten_with_path(
       tree, is_leaf=lambda x: isinstance(x, quantize.QuantizedKernel))[0]
-  return {quantize._path_str(path): x for path, x in leaves}  # pylint: disable=protected-access
+  return {checkpointing.path_str(path): x for path, x in leaves}
 
 
 @pytest.mark.parametrize("mode", ["int8", "bfloat16"])
@@ -151,7 +151,7 @@ def test_teacher_forced_logits_agree_with_float32(mode):
   """Top-1 tokens agree on >= 99 % of 1,024 teacher-forced positions, and the largest logit
   change is within the first-order bound of the quantization step: each of the matmuls in
   series on a token's path changes what it carries by at most RELATIVE_STEP of its magnitude
-  (measured: about 1/7 of the bound)."""
+  (measured: 1/8 of the bound with int8, 1/16 with bfloat16)."""
   _, params = _copying_decoder()
   tokens, context = _teacher_forced_batch()
   reference = np.asarray(_teacher_forced_logits(params, tokens, context))
@@ -188,7 +188,9 @@ def test_generator_weights_option():
   decoder = int8.params["dim"]["joint_decoder"]["attn_layers"]["layers_2"]["ff_in"]["kernel"]
   assert isinstance(decoder, quantize.QuantizedKernel) and decoder.values.dtype == jnp.int8
   # Replacing a setting keeps the quantized params (quantizing twice is a no-op).
-  assert dataclasses.replace(int8, overlap=2).params["dim"]["joint_decoder"] is not None
+  replaced = dataclasses.replace(int8, overlap=2)
+  logits_kernel = lambda gen: gen.params["dim"]["joint_decoder"]["to_logits"]["kernel"]
+  assert logits_kernel(replaced) is logits_kernel(int8)
   # The int8 generator runs exactly what a float32 one runs on the dequantized params.
   same = generate.Generator(task=task, params=quantize.dequantize(int8.params),
                             sampling=sampler.SamplingConfig(), window=WINDOW)

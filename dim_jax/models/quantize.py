@@ -46,6 +46,7 @@ token, unless it hoists the conversion too: not measured here (no accelerator).
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Optional
 
@@ -100,13 +101,18 @@ class QuantizedKernel(struct.PyTreeNode, meta.AxisMetadata):
 
 def quantize_kernel(kernel: Array, mode: str) -> QuantizedKernel:
   """One [in, out] float kernel -> `QuantizedKernel` ('int8' or 'bfloat16')."""
-  kernel = jnp.asarray(kernel, jnp.float32)
-  if kernel.ndim != 2:
-    raise ValueError(f"quantize_kernel expects an [in, out] kernel, got shape {kernel.shape}")
+  if np.ndim(kernel) != 2:
+    raise ValueError(f"quantize_kernel expects an [in, out] kernel, got shape {np.shape(kernel)}")
+  if mode not in ("int8", "bfloat16"):
+    raise ValueError(f"kernel mode {mode!r}; expected 'int8' or 'bfloat16'")
+  return _quantize_kernel(jnp.asarray(kernel, jnp.float32), mode)
+
+
+@functools.partial(jax.jit, static_argnames=("mode",))
+def _quantize_kernel(kernel: Array, mode: str) -> QuantizedKernel:
+  # One compiled program per kernel shape (not one per op and shape, as op by op).
   if mode == "bfloat16":
     return QuantizedKernel(kernel.astype(jnp.bfloat16), None, mode="bfloat16")
-  if mode != "int8":
-    raise ValueError(f"kernel mode {mode!r}; expected 'int8' or 'bfloat16'")
   peak = jnp.max(jnp.abs(kernel), axis=0)
   scale = jnp.where(peak > 0, peak / INT8_MAX, 1.0).astype(jnp.float32)
   values = jnp.clip(jnp.round(kernel / scale), -INT8_MAX, INT8_MAX).astype(jnp.int8)
@@ -124,7 +130,8 @@ def _is_box(x: Any) -> bool:
 
 
 def _path_str(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+  # As training/checkpointing.path_str (models do not import training).
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
                   for k in path)
 
 
