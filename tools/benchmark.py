@@ -172,24 +172,32 @@ def random_params(abstract, seed: int = 0):
   return jax.tree_util.tree_map_with_path(leaf, abstract)
 
 
+def official_dim_task(phase: str, dtype: str):
+  """The DIM task of `phase` at the official sizes, both tokenizers official too."""
+  from dim_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from dim_jax.models import vqvae  # pylint: disable=g-import-not-at-top
+  from dim_jax.training import dim_tasks  # pylint: disable=g-import-not-at-top
+  config = config_lib.dim_config(phase)
+  config.model.compute_dtype = dtype
+  vq_model = config_lib.vq_model_config()
+  vq_model.compute_dtype = dtype
+  vq_cfg = vqvae.vq_config_from(vq_model)
+  return dim_tasks.DIMTask.from_config(config, speaker_vq=vq_cfg, listener_vq=vq_cfg)
+
+
 def dim_child(case: str, batch: int, frames: int, dtype: str, warmup: int, steps: int,
               weights: str = "float32") -> dict:
   """Train step of pretrain / finetune_listener, or generation latency, at official sizes."""
   import functools  # pylint: disable=g-import-not-at-top
   import jax
   import numpy as np
-  from dim_jax import config_lib, generate, sampler
-  from dim_jax.models import quantize, vqvae
-  from dim_jax.training import dim_tasks, trainer
+  from dim_jax import generate, sampler
+  from dim_jax.models import quantize
+  from dim_jax.training import trainer
 
   phase = {"pretrain": "pretrain", "finetune": "finetune_listener",
            "generate": "finetune_listener"}[case]
-  config = config_lib.dim_config(phase)
-  config.model.compute_dtype = dtype
-  vq_model = config_lib.vq_model_config()
-  vq_model.compute_dtype = dtype
-  vq_cfg = vqvae.vq_config_from(vq_model)
-  task = dim_tasks.DIMTask.from_config(config, speaker_vq=vq_cfg, listener_vq=vq_cfg)
+  task = official_dim_task(phase, dtype)
   rng = np.random.default_rng(1)
   local = dict(speaker_motion=rng.normal(size=(batch, frames, 56)).astype(np.float32),
                listener_motion=rng.normal(size=(batch, frames, 56)).astype(np.float32),
@@ -227,16 +235,10 @@ def weights_child(frames: int, dtype: str, warmup: int, steps: int, weights: lis
   the order reversed every step."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np
-  from dim_jax import config_lib, generate, sampler
-  from dim_jax.models import quantize, vqvae
-  from dim_jax.training import dim_tasks
+  from dim_jax import generate, sampler
+  from dim_jax.models import quantize
 
-  config = config_lib.dim_config("finetune_listener")
-  config.model.compute_dtype = dtype
-  vq_model = config_lib.vq_model_config()
-  vq_model.compute_dtype = dtype
-  vq_cfg = vqvae.vq_config_from(vq_model)
-  task = dim_tasks.DIMTask.from_config(config, speaker_vq=vq_cfg, listener_vq=vq_cfg)
+  task = official_dim_task("finetune_listener", dtype)
   rng = np.random.default_rng(1)
   batches = {n: dict(speaker_motion=rng.normal(size=(n, frames, 56)).astype(np.float32),
                      listener_motion=rng.normal(size=(n, frames, 56)).astype(np.float32),
