@@ -296,6 +296,7 @@ def dim_model_config(phase: str) -> ml_collections.ConfigDict:
   # Learned decoder positions: official on in SLM and SpeakerSLMFT, off in SLMFT.
   model.decoder_positions = phase != "finetune_listener"
   model.decoding = "autoregressive"  # official; 'parallel' = the paper's masked decoding.
+  model.causal_context = False     # official; True = decoder cross-attention sees frames <= t only.
   model.start = "ground_truth"     # official first input; 'start_token' needs no ground truth.
   model.output = "tokens"          # 'continuous' = Table 3 "no VQ" regression head.
   model.two_branch = True          # False = Table 3 "no speaker-listener two-branch".
@@ -321,6 +322,9 @@ def dim_loss_config(phase: str) -> ml_collections.ConfigDict:
   # False in SLMFT (the paper's full model unfreezes it: Table 3 "Dec_VQ").
   loss.vq_decoder_trainable = phase != "finetune_listener"
   loss.causal_encoders = True      # SLMFT encoders are causal (official).
+  # model.decoding=parallel, fine-tuning: 'all' = every valid frame masked (one-pass decoding);
+  # 'cosine' / 'linear' = MaskGIT's random fraction, for generate.iterations > 1.
+  loss.parallel_mask_schedule = "all"
   return loss
 
 
@@ -429,13 +433,18 @@ def generate_config() -> ml_collections.ConfigDict:
   config.generate.split = "test"
   config.generate.num_samples = 1  # independent samples per clip (one batch).
   config.generate.batch_size = 8   # clips per generation batch.
-  config.generate.seed = 0         # sampling seed (sample k of batch i: fold_in(seed, i)).
+  config.generate.seed = 0         # sampling seed (clip c: fold_in(seed, hash of c's id)).
   # Frame 0 of each clip: 'first_frame' (official) = the ground truth's first frame seeds it,
   # nothing later; 'none' = no ground truth (start token, or the code of the mean motion).
   config.generate.start = "first_frame"
   config.generate.window = 0          # frames per generated window; 0 = the model's data.max_len.
   config.generate.window_overlap = -1  # frames shared with the previous window; -1 = window // 4.
   config.generate.weights = "float32"  # decoder kernels held as 'float32', 'bfloat16' or 'int8'.
+  # model.decoding=parallel: decoder passes per window (MaskGIT; 1 = one pass), the schedule of
+  # masked positions ('cosine', 'linear') and the annealed Gumbel noise on the confidences.
+  config.generate.iterations = 1
+  config.generate.mask_schedule = "cosine"
+  config.generate.choice_temperature = 0.0
   # What to write (dim_jax/handoff.py): 'npy' = sample_<k>/<clip>.npy; 'pickle' = the official
   # predictions pickle per sample; 'emoca' = per-frame EMOCA folders PIRenderer reads.
   config.generate.formats = "npy,pickle"
@@ -480,6 +489,9 @@ def evaluate_config() -> ml_collections.ConfigDict:
   ev.window = 0                    # generation window; 0 = the model's data.max_len.
   ev.window_overlap = -1           # frames shared by consecutive windows; -1 = window // 4.
   ev.weights = "float32"           # decoder kernels as generate.weights ('bfloat16', 'int8').
+  ev.iterations = 1                # parallel decoder passes, as generate.iterations.
+  ev.mask_schedule = "cosine"      # as generate.mask_schedule.
+  ev.choice_temperature = 0.0      # as generate.choice_temperature.
   # A second model row generated without any ground truth (generate.start='none'); the
   # headline row sees the listener's first ground-truth frame, as the official protocol.
   ev.no_ground_truth_row = True

@@ -32,30 +32,44 @@ model; only that frame enters the jitted function, and later windows are never r
 otherwise the code of a still window at the training mean (0 in standardised units, or raw 0
 when the model was trained on raw features). The parallel variant (trained with every
 position masked) and the no-VQ ablation use no ground truth in either mode; their windows are
-generated independently and cross-faded the same way. N samples per input are one batch.
+generated independently and cross-faded the same way. A parallel model trained with partial
+masks (`loss.parallel_mask_schedule`) decodes in `Generator.iterative` passes and is given
+frame 0's token and each later window's overlap tokens, as the autoregressive one. N samples per input are one batch.
+
+Randomness and devices: clip c is drawn from its own key, `fold_in(seed, hash of c's id)`
+(`clip_keys`; the window step is vmapped over clips), so its samples do not depend on the
+other clips, the batch size, the mesh or the process count (tokens equal; motion to float
+rounding). The phases generate on the training mesh (`config.mesh`, `sharding.make_mesh`):
+params placed as training places them (replicated over 'data', FSDP over 'fsdp'), each batch
+of `batch_size` rows split over all devices, so each process samples only its devices'
+rows, and the outputs gathered so every process holds every clip.
 
 The phase reads the split's clips directly (`records.read_clips`, raw units), groups them by
 window count, and writes into `<workdir>/generated/`, in raw units, the formats of
 `generate.formats` (`handoff`): `sample_<k>/<clip_id>.npy` ((T, 56) float32, one file per clip
 and sample), the official predictions pickle per sample, the per-frame EMOCA folders PIRenderer
 reads, `render.md` (which official script reads which file), and `sampling.json` (settings,
-source checkpoint, errors against the ground truth); files are written to a temporary name and
-renamed.
+source checkpoint, errors against the ground truth over every clip); files are written to a
+temporary name and renamed. With several processes each writes the per-clip files of every
+P-th clip and process 0 the pickles, `render.md` and `sampling.json`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import logging
 import os
 from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 import numpy as np
 
 from dim_jax import files, handoff, sampler
+from dim_jax import sharding as sharding_lib
 from dim_jax.data import pipeline, records
 from dim_jax.models import dim as dim_lib
 from dim_jax.models import quantize, vqvae
@@ -112,6 +126,12 @@ class Generator:
     weights: how the joint decoder's kernels are held: 'float32', 'bfloat16' or 'int8'
       (per output column); `params` is quantized once here (`models/quantize.py`) and each
       kernel is dequantized inside the jitted step where its matmul reads it.
+    iterative: passes and mask schedule of the parallel decoder (`sampler.iterative_decode`).
+    mesh: the ('data', 'fsdp') device mesh to generate on (`sharding.make_mesh`, as
+      training), or None for the default device. With a mesh the params are placed with
+      the training shardings (FSDP over 'fsdp', replicated over 'data'), every batch's
+      clips are split over all devices (the batch size must be a multiple of the device
+      count) and the outputs are gathered, so every process gets every row.
   """
   task: dim_tasks.DIMTask
   params: Any
@@ -120,6 +140,8 @@ class Generator:
   overlap: Optional[int] = None
   source: str = ""
   weights: str = "float32"
+  iterative: sampler.IterativeConfig = sampler.IterativeConfig()
+  mesh: Optional[Mesh] = None
 
   def __post_init__(self):
     window = int(self.window)
@@ -135,11 +157,15 @@ class Generator:
       raise ValueError(f"generation window {window} needs {longest} decoder positions; "
                        f"model.max_seq_len is {cfg.max_seq_len}")
     object.__setattr__(self, "params", quantize.quantize_params(self.params, self.weights))
+    if self.mesh is not None:
+      object.__setattr__(self, "params", sharding_lib.place_tree(self.params, self.mesh))
 
   @classmethod
   def from_workdir(cls, workdir: str, sampling: sampler.SamplingConfig, step: str = "best",
                    *, window: Optional[int] = None, overlap: Optional[int] = None,
-                   weights: str = "float32") -> "Generator":
+                   weights: str = "float32",
+                   iterative: Optional[sampler.IterativeConfig] = None,
+                   mesh: Optional[Mesh] = None) -> "Generator":
     """The checkpoint of a fine-tune workdir; `window` defaults to its `data.max_len`."""
     meta = checkpointing.load_meta(workdir, step)
     if meta.get("phase") not in GENERATING_PHASES:
@@ -163,7 +189,7 @@ class Generator:
     params = jax.tree.map(jnp.asarray, params)
     return cls(task=task, params=params, sampling=sampling, window=int(window),
                overlap=overlap, source=f"{os.path.abspath(workdir)}@{meta['step']}",
-               weights=weights)
+               weights=weights, iterative=iterative or sampler.IterativeConfig(), mesh=mesh)
 
   @property
   def role(self) -> str:
@@ -178,7 +204,10 @@ class Generator:
         speaker_motion [B, T, 56] (DIM-Listener's conditioning) and, with
         start='first_frame', the target role's motion (`listener_motion` for DIM-Listener),
         of which only frame 0 is read. Raw units; other keys are ignored.
-      rng: window k of sample n uses `fold_in(rng, k)` (rows of one call draw jointly).
+      rng: a PRNG key (row b is drawn with `fold_in(rng, b)`) or [B] keys, one per row
+        (`clip_keys`). Row b's N samples depend only on its own key and inputs (window k
+        uses `fold_in(key, k)`; the N samples of a row draw jointly), not on the other
+        rows, the batch size or the mesh.
       num_samples: N samples per clip, one batch.
       start: 'first_frame' (official: the ground truth's first frame seeds frame 0's
         token) or 'none' (no ground truth at all; module docstring).
@@ -193,6 +222,11 @@ class Generator:
     # Host arrays: the per-window slices below are NumPy views, not device ops.
     mask = np.asarray(batch["mask"], bool)
     size, frames = mask.shape
+    if self.mesh is not None and size % self.mesh.devices.size:
+      raise ValueError(f"a batch of {size} clips cannot be split over the mesh's "
+                       f"{self.mesh.devices.size} devices (data {self.mesh.shape['data']} x "
+                       f"fsdp {self.mesh.shape['fsdp']}): pad it to a multiple")
+    keys = _row_keys(rng, size)
     windows = num_windows(frames, self.window, self.overlap)
     pad = padded_length(windows, self.window, self.overlap) - frames
 
@@ -209,7 +243,7 @@ class Generator:
                    else np.zeros((size, records.MOTION_DIM), np.float32))
     inputs = dict(speaker_motion=padded(speaker), speaker_audio=padded(batch["speaker_audio"]),
                   mask=np.pad(mask, [(0, 0), (0, pad)]), first_frame=first_frame)
-    out = _generate(self, self.params, inputs, rng, jnp.asarray(start == "first_frame"),
+    out = _generate(self, self.params, inputs, keys, np.bool_(start == "first_frame"),
                     num_samples=num_samples, num_windows=windows)
     out["motion"] = out["motion"][:, :, :frames]
     if out["tokens"] is not None:
@@ -217,20 +251,60 @@ class Generator:
     return out
 
   def __hash__(self):  # static jit argument: identity of the task and generation settings.
-    return hash((self.task, self.sampling, self.window, self.overlap))
+    # The mesh too: the jitted steps constrain their outputs to its batch sharding.
+    return hash((self.task, self.sampling, self.window, self.overlap, self.iterative,
+                 self.mesh))
 
   def __eq__(self, other):
     return (isinstance(other, Generator) and self.task == other.task
             and self.sampling == other.sampling and self.window == other.window
-            and self.overlap == other.overlap)
+            and self.overlap == other.overlap and self.iterative == other.iterative
+            and self.mesh == other.mesh)
 
 
-def _generate(gen: Generator, params, inputs: dict, rng: jax.Array, use_first_frame: jax.Array,
+def clip_keys(rng: jax.Array, clip_ids: Sequence[str]) -> np.ndarray:
+  """[len(clip_ids), 2] uint32: clip c's key `fold_in(rng, h(c))`, h = 31 bits of sha256(c).
+
+  A clip's samples depend only on the seed and its id: not on the other clips, the order,
+  the batch size, the mesh or the process count.
+  """
+  hashes = np.array([int.from_bytes(hashlib.sha256(str(c).encode()).digest()[:4], "little")
+                     & 0x7FFFFFFF for c in clip_ids], np.uint32)
+  return _fold_rows(rng, hashes)
+
+
+def _raw_key(rng) -> np.ndarray:
+  """Host uint32 key data of a raw (`PRNGKey`) or typed (`jax.random.key`) key array."""
+  if jnp.issubdtype(getattr(rng, "dtype", np.uint32), jax.dtypes.prng_key):
+    rng = jax.random.key_data(rng)
+  return np.asarray(rng, np.uint32)
+
+
+def _fold_rows(rng, data: np.ndarray) -> np.ndarray:
+  return _raw_key(jax.vmap(jax.random.fold_in, (None, 0))(jnp.asarray(_raw_key(rng)),
+                                                          jnp.asarray(data, jnp.uint32)))
+
+
+def _row_keys(rng, size: int) -> np.ndarray:
+  """[size, 2] uint32 host keys: given per row, or `fold_in(rng, row)` of one key."""
+  keys = _raw_key(rng)
+  if keys.ndim == 1:
+    return _fold_rows(keys, np.arange(size))
+  if keys.ndim != 2 or keys.shape[0] != size:
+    raise ValueError(f"rng of shape {keys.shape}: expected one key or one per row "
+                     f"([{size}] keys) for a batch of {size} clips")
+  return keys
+
+
+def _generate(gen: Generator, params, inputs: dict, keys: np.ndarray, use_first_frame,
               *, num_samples: int, num_windows: int) -> dict:
   """All windows of a padded batch, one jitted window step each (module docstring).
 
   A Python loop over windows (not frames) calling one compiled `_window_step`: clips of any
-  length share one executable per (batch, samples) shape. Raw units in and out.
+  length share one executable per (batch, samples) shape. Raw units in and out. With
+  `gen.mesh` every input is a global array split over the batch axis (each device, hence
+  each process, computes only its rows) and the windows' outputs are gathered once, after
+  the loop, so the host assembly below sees every row on every process.
   """
   window, overlap = gen.window, gen.overlap
   hop = window - overlap
@@ -239,28 +313,35 @@ def _generate(gen: Generator, params, inputs: dict, rng: jax.Array, use_first_fr
     raise ValueError(f"{mask.shape[1]} frames do not fill {num_windows} windows")
   cfg = gen.task.model.config
   tokens_out = cfg.output == "tokens"
-  first = _first_tokens(gen, params, inputs["first_frame"], use_first_frame,
+  place = functools.partial(_place_rows, gen.mesh)
+  first = _first_tokens(gen, params, place(inputs["first_frame"]), use_first_frame,
                         num_samples=num_samples)
   rows = mask.shape[0] * num_samples
   weights = crossfade_weights(num_windows, window, overlap)
-  previous = jnp.zeros((rows, window), jnp.int32)
+  previous = _no_tokens(gen, rows)
+  keys = place(keys)
+  outputs = []
+  for k in range(num_windows):
+    frames = slice(k * hop, k * hop + window)
+    window_inputs = {key: place(inputs[key][:, frames])
+                     for key in ("speaker_motion", "speaker_audio", "mask")}
+    tokens, window_motion = _window_step(gen, params, window_inputs, previous, first,
+                                         np.int32(k), keys, use_first_frame,
+                                         num_samples=num_samples)
+    outputs.append((tokens, window_motion))
+    if tokens_out:
+      previous = tokens
   # Assembled on the host: every window's slice offset differs, device updates would compile
-  # once per offset.
+  # once per offset. One gather after the loop: the windows are dispatched without waiting.
   motion = np.zeros((rows, mask.shape[1], records.MOTION_DIM), np.float32)
   token_stream = np.zeros((rows, mask.shape[1]), np.int32)
   window_tokens = []
-  for k in range(num_windows):
+  for k, (tokens, window_motion) in enumerate(sharding_lib.to_host(outputs)):
     frames = slice(k * hop, k * hop + window)
-    window_inputs = {key: inputs[key][:, frames]
-                     for key in ("speaker_motion", "speaker_audio", "mask")}
-    tokens, window_motion = _window_step(gen, params, window_inputs, previous, first,
-                                         jnp.int32(k), rng, use_first_frame,
-                                         num_samples=num_samples)
-    motion[:, frames] += weights[k][None, :, None] * np.asarray(window_motion)
+    motion[:, frames] += weights[k][None, :, None] * window_motion
     if tokens_out:
-      token_stream[:, frames] = np.asarray(tokens)
+      token_stream[:, frames] = tokens
       window_tokens.append(token_stream[:, frames])
-      previous = tokens
   return _finish(gen, motion, token_stream,
                  np.stack(window_tokens, axis=1) if tokens_out else None, mask,
                  num_samples=num_samples)
@@ -279,14 +360,62 @@ def _first_tokens(gen: Generator, params, first_frame: jax.Array, use_first_fram
   still = jnp.broadcast_to(still[:, None, :], (still.shape[0], gen.window, still.shape[-1]))
   first = vq.apply({"params": params[f"{gen.role}_vq"]}, still,
                    jnp.ones(still.shape[:2], bool), method=vqvae.VQVAE.encode)["tokens"][:, 0]
-  return sampler.repeat_for_samples(first, num_samples)
+  return _split_rows(gen, sampler.repeat_for_samples(first, num_samples))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _no_tokens(gen: Generator, rows: int) -> jax.Array:
+  """[rows, W] zeros: the `previous` tokens of window 0, made on the devices with the
+  sharding the window step gives its own tokens (an input sharding that differed from the
+  fed-back one would compile the step twice)."""
+  return _split_rows(gen, jnp.zeros((rows, gen.window), jnp.int32))
+
+
+def _place_rows(mesh: Optional[Mesh], array: np.ndarray):
+  """A host batch array (rows first) split over the mesh's devices; as is without a mesh."""
+  if mesh is None:
+    return array
+  return sharding_lib.host_to_global(array, sharding_lib.batch_sharding(mesh))
+
+
+def _split_rows(gen: Generator, x: jax.Array) -> jax.Array:
+  """Rows (axis 0) split over the mesh as the inputs: the outputs fed back into the next
+  window keep the sharding the first window's inputs had, so there is one compile."""
+  if gen.mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, sharding_lib.batch_sharding(gen.mesh))
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("num_samples",))
 def _window_step(gen: Generator, params, window_inputs: dict, previous: jax.Array,
-                 first: jax.Array, k: jax.Array, rng: jax.Array, use_first_frame: jax.Array,
+                 first: jax.Array, k: jax.Array, keys: jax.Array, use_first_frame: jax.Array,
                  *, num_samples: int):
-  """Window k: (tokens [B * N, W] or None, standardised motion [B * N, W, 56])."""
+  """Window k of every clip: (tokens [B * N, W] or None, standardised motion [B * N, W, 56]).
+
+  `_clip_window_step` vmapped over the B clips: clip b's draws use its own key `keys[b]`
+  only, so its samples do not depend on the other rows, the batch size or how the rows are
+  split over devices and processes.
+  """
+  size = keys.shape[0]
+
+  def per_clip(x):  # [B * N, ...] -> [B, N, ...] (row b * N + n = sample n of clip b).
+    return x.reshape((size, num_samples) + x.shape[1:])
+
+  def one_clip(clip_inputs, clip_previous, clip_first, key):
+    clip_inputs = jax.tree.map(lambda x: x[None], clip_inputs)  # a batch of one clip
+    return _clip_window_step(gen, params, clip_inputs, clip_previous, clip_first, k, key,
+                             use_first_frame, num_samples=num_samples)
+
+  tokens, motion = jax.vmap(one_clip)(window_inputs, per_clip(previous), per_clip(first), keys)
+  rows = lambda x: _split_rows(gen, x.reshape((size * num_samples,) + x.shape[2:]))
+  return (None if tokens is None else rows(tokens)), rows(motion)
+
+
+def _clip_window_step(gen: Generator, params, window_inputs: dict, previous: jax.Array,
+                      first: jax.Array, k: jax.Array, rng: jax.Array,
+                      use_first_frame: jax.Array, *, num_samples: int):
+  """Window k of a batch drawn with one key (`_window_step` calls it per clip): (tokens
+  [B * N, W] or None, standardised motion [B * N, W, 56])."""
   task, cfg = gen.task, gen.task.model.config
   model, norm = task.model, task.normalization
   window, overlap = gen.window, gen.overlap
@@ -310,12 +439,25 @@ def _window_step(gen: Generator, params, window_inputs: dict, previous: jax.Arra
                          method=dim_lib.DIM.regress)
     return None, jnp.where(window_mask[..., None], motion, 0.0)
   rows = window_mask.shape[0]
-  if cfg.parallel:  # every window independently (trained with all positions masked).
-    masked = jnp.full(window_mask.shape, cfg.mask_token, jnp.int32)
-    logits = model.apply(dim_params, masked, context, window_mask, None, window_mask,
-                         method=dim_lib.DIM.decode)
-    tokens = sampler.sample_next(window_rng, logits.reshape(-1, logits.shape[-1]),
-                                 gen.sampling).reshape(window_mask.shape)
+  if cfg.parallel:
+    # K passes of masked decoding (K=1: one pass, bit for bit the earlier sampler). A model
+    # trained with partial masks (loss.parallel_mask_schedule != 'all') is given frame 0's
+    # token (start='first_frame') in window 0 and the previous window's overlap tokens later,
+    # so windows continue one stream; one trained with every frame masked never saw given
+    # tokens, so its windows stay independent (and read no ground truth).
+    positions = jnp.arange(window)[None, :]
+    if task.options.parallel_mask_schedule == "all":
+      given = jnp.zeros(window_mask.shape, bool)
+    else:
+      given = jnp.where(k == 0, (positions == 0) & use_first_frame, positions < overlap)
+      given = jnp.broadcast_to(given, window_mask.shape)
+    known = jnp.where(k == 0, jnp.zeros_like(previous).at[:, 0].set(first),
+                      jnp.roll(previous, overlap - window, axis=1))
+    decode = lambda inputs: model.apply(dim_params, inputs, context, window_mask, None,
+                                        window_mask, method=dim_lib.DIM.decode)
+    tokens = sampler.iterative_decode(decode, tokens=known, given=given, valid=window_mask,
+                                      mask_token=cfg.mask_token, rng=window_rng,
+                                      sampling=gen.sampling, iterative=gen.iterative)
   else:
     offset = 1 if cfg.start == "start_token" else 0  # [start, frame tokens...] as trained.
     length = window + offset
@@ -384,33 +526,46 @@ def generate_clips(generator: Generator, clips: list[dict], num_samples: int, rn
 
   Clips are grouped by window count (ascending, in input order within a group) and batched
   `batch_size` at a time, filler rows completing the last batch of a group (every batch has
-  the same rows, so one compiled window step serves them all); batch i uses
-  `fold_in(rng, i)`.
+  the same rows, so one compiled window step serves them all). Clip c is drawn with
+  `clip_keys(rng, [c's id])`: its samples depend only on the seed and its id (and N), not
+  on the other clips, their order, `batch_size`, the mesh or the process count; the motion
+  is equal up to float rounding (XLA may sum a row's matmuls in another order for another
+  batch shape), the tokens exactly unless such rounding flips a draw.
+
+  With `generator.mesh`, each batch is one global batch of `batch_size` rows split over all
+  devices: every process samples only the rows its devices hold (its share of the clips),
+  and every process returns every clip (the outputs are gathered). Every process must call
+  this with the same clips (all of them), as the phases do.
 
   Returns:
     {clip_id: samples [N, T, 56] float32 raw units}, T the clip's length.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size}; expected >= 1")
+  if generator.mesh is not None:
+    sharding_lib.check_batch_size(batch_size, generator.mesh, jax.process_count(),
+                                  "batch_size")
   ids = [clip["clip_id"] for clip in clips]
   if len(set(ids)) != len(ids):
     raise ValueError(f"clip ids repeat: {sorted({i for i in ids if ids.count(i) > 1})[:5]}")
+  keys = dict(zip(ids, clip_keys(rng, ids)))
   groups: dict[int, list[dict]] = {}
   for clip in clips:
     count = num_windows(_clip_length(clip), generator.window, generator.overlap)
     groups.setdefault(count, []).append(clip)
-  out, batch_index = {}, 0
+  out = {}
   for count in sorted(groups):
     frames = padded_length(count, generator.window, generator.overlap)
     members = groups[count]
     for first in range(0, len(members), batch_size):
       chunk = members[first:first + batch_size]
       batch = _batch_of(chunk, batch_size, frames, generator.role, start)
-      result = generator(batch, jax.random.fold_in(rng, batch_index), num_samples, start=start)
-      motion = np.asarray(jax.device_get(result["motion"]))
+      # Filler rows reuse the first clip's key: their draws are discarded.
+      batch_keys = np.stack([keys[clip["clip_id"]] for clip in chunk]
+                            + [keys[chunk[0]["clip_id"]]] * (batch_size - len(chunk)))
+      motion = generator(batch, batch_keys, num_samples, start=start)["motion"]
       for row, clip in enumerate(chunk):
         out[clip["clip_id"]] = motion[row, :, :_clip_length(clip)]
-      batch_index += 1
   return out
 
 
@@ -622,7 +777,12 @@ def run_generate(config, workdir: str) -> dict:
   if not config.init.model:
     raise ValueError("set init.model to the workdir of a finetune_listener / "
                      "finetune_speaker run")
-  generator = Generator.from_workdir(config.init.model, sampling, **window_settings(gc))
+  # The training mesh (config.mesh): each process samples its devices' rows of every batch.
+  mesh = sharding_lib.make_mesh(config.mesh)
+  sharding_lib.check_batch_size(int(gc.batch_size), mesh, jax.process_count(),
+                                "generate.batch_size")
+  generator = Generator.from_workdir(config.init.model, sampling, **window_settings(gc),
+                                     mesh=mesh)
   recordings_dir = gc.get("recordings", "")
   if recordings_dir:
     clips = _recording_clips(gc, recordings_dir, generator.role, start)
@@ -635,7 +795,8 @@ def run_generate(config, workdir: str) -> dict:
   formats = handoff.parse_formats(gc.get("formats", "npy"))
   smoothing = int(gc.get("emoca_smoothing", 0))
   out_dir = os.path.join(workdir, "generated")
-  # Every process generates every clip (the same numbers as one process) and writes its share.
+  # Every process samples its share of every batch and gets every clip back (the numbers of
+  # one process), writes its share of the files; process 0 the summary of every clip.
   samples = generate_clips(generator, clips, num_samples, jax.random.PRNGKey(int(gc.seed)),
                            batch_size=int(gc.batch_size), start=start)
   # Recordings have no ground truth: no errors, y_true None in the pickles.
@@ -701,4 +862,8 @@ def window_settings(phase_config) -> dict[str, Any]:
   window = int(phase_config.get("window", 0))
   overlap = int(phase_config.get("window_overlap", -1))
   return dict(window=window or None, overlap=None if overlap < 0 else overlap,
-              weights=str(phase_config.get("weights", "float32")))
+              weights=str(phase_config.get("weights", "float32")),
+              iterative=sampler.IterativeConfig(
+                  iterations=int(phase_config.get("iterations", 1)),
+                  schedule=str(phase_config.get("mask_schedule", "cosine")),
+                  choice_temperature=float(phase_config.get("choice_temperature", 0.0))))

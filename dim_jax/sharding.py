@@ -4,6 +4,9 @@ One code path for one CPU, one GPU or a pod: a `Mesh` with axes ('data', 'fsdp')
 Batches are split over both axes (every device holds a slice of the batch); each
 parameter is split over 'fsdp' along its largest divisible axis (big_vision's `fsdp`
 strategy) and replicated over 'data'. With a 1x1 mesh this is plain single-device jit.
+Inference (generate, evaluate) uses the same mesh: `place_tree` puts parameters every process
+holds onto it, `host_to_global` splits a batch every process holds, and `to_host` gathers
+the results back to every process.
 """
 
 from __future__ import annotations
@@ -104,3 +107,43 @@ def to_global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[s
     global_shape = (value.shape[0] * jax.process_count(),) + value.shape[1:]
     out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
   return out
+
+
+def host_to_global(array: Any, sharding: NamedSharding) -> jax.Array:
+  """A host array that every process holds in full -> one global `jax.Array`.
+
+  Unlike `to_global_batch` (each process holds only its rows), every process passes the
+  whole array and transfers only the slices its own devices hold, whatever the mesh layout.
+  """
+  array = np.asarray(array)
+  return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def place_tree(tree: Any, mesh: Mesh) -> Any:
+  """Every leaf on `mesh` with the training rule (`tree_shardings`: FSDP over 'fsdp').
+
+  Leaves that every process holds in full (host or single-device arrays, e.g. params read
+  from a checkpoint) are sliced per device; leaves that are already global are resharded.
+  """
+  shardings = tree_shardings(tree, mesh)
+
+  def place(leaf, sharding):
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      return leaf if leaf.sharding == sharding else jax.device_put(leaf, sharding)
+    return host_to_global(leaf, sharding)
+
+  return jax.tree.map(place, tree, shardings)
+
+
+def to_host(tree: Any) -> Any:
+  """NumPy copies of every leaf, global ones gathered: each process gets the whole value.
+
+  One all-gather per leaf that spans several processes; a no-op transfer otherwise.
+  """
+  def fetch(leaf):
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+    return np.asarray(leaf)
+
+  return jax.tree.map(fetch, tree)

@@ -231,7 +231,9 @@ def test_outputs_are_raw_units_of_the_decoded_tokens_cross_faded():
 def test_generate_clips_and_written_files_are_the_returned_motion(tmp_path):
   generator, clips = _generator(), _clips()
   samples = generate.generate_clips(generator, clips, NUM_SAMPLES, RNG, batch_size=2)
-  direct = generator(_batch(), jax.random.fold_in(RNG, 0), NUM_SAMPLES)  # batch 0
+  # Clip c is drawn with its own key, fold_in(RNG, hash of c's id).
+  keys = generate.clip_keys(RNG, [clip["clip_id"] for clip in clips])
+  direct = generator(_batch(), keys, NUM_SAMPLES)
   for row, clip in enumerate(clips):
     got = samples[clip["clip_id"]]
     assert got.shape == (NUM_SAMPLES, LENGTHS[row], 56) and got.dtype == np.float32
@@ -289,3 +291,38 @@ def test_seam_statistics_find_a_known_jump():
   assert stats["pose"]["ratio"] < 1.0
   none = generate.seam_statistics(samples[:, 1:], lengths[1:], window, overlap)
   assert none["seams"] == 0 and none["expression"]["ratio"] is None
+
+
+def test_each_clip_is_drawn_from_its_own_key_only():
+  # Rows swapped together with their keys: the samples swap exactly. With draws shared by
+  # the rows of a call (the earlier sampler) a row's tokens depended on its position.
+  generator, clips = _generator(), _clips()
+  keys = generate.clip_keys(RNG, [clip["clip_id"] for clip in clips])
+  out = jax.tree.map(np.asarray, generator(_batch(), keys, NUM_SAMPLES))
+  swapped = jax.tree.map(np.asarray, generator(_batch(clips[::-1]), keys[::-1], NUM_SAMPLES))
+  for key in ("tokens", "window_tokens"):
+    np.testing.assert_array_equal(swapped[key], out[key][::-1])
+  # generate_clips: batches of 1 in reverse order give what batches of 2 give (equal tokens,
+  # motion up to float rounding of the other batch shape); the key follows the clip's id.
+  samples = generate.generate_clips(generator, clips, NUM_SAMPLES, RNG, batch_size=2)
+  alone = generate.generate_clips(generator, clips[::-1], NUM_SAMPLES, RNG, batch_size=1)
+  for clip_id in samples:
+    np.testing.assert_allclose(alone[clip_id], samples[clip_id], rtol=0, atol=1e-5)
+  renamed = [dict(clip, clip_id=clip["clip_id"] + "-b") for clip in clips]
+  other = generate.generate_clips(generator, renamed, NUM_SAMPLES, RNG, batch_size=2)
+  assert not np.allclose(other[renamed[0]["clip_id"]], samples[clips[0]["clip_id"]], atol=0.1)
+  assert len({tuple(k) for k in generate.clip_keys(RNG, ["a", "b", "c"])}) == 3
+  with pytest.raises(ValueError, match="one per row"):
+    generator(_batch(), keys[:1], NUM_SAMPLES)
+
+
+def test_window_step_compiles_once_for_every_window_and_batch():
+  generator, clips = _generator(), _clips()
+  generator(_batch(), RNG, NUM_SAMPLES)  # compiled (or cached) for [2 rows, 2 samples]
+  before = generate._window_step._cache_size()  # pylint: disable=protected-access
+  generate.generate_clips(generator, clips + [dict(clips[1], clip_id="short",
+                                                   **{k: clips[1][k][:10] for k in (
+                                                       "speaker_motion", "listener_motion",
+                                                       "speaker_audio")})],
+                          NUM_SAMPLES, RNG, batch_size=2)
+  assert generate._window_step._cache_size() == before  # pylint: disable=protected-access

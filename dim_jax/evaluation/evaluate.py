@@ -37,7 +37,13 @@ finite values), file names are `files.clip_filenames` of the clip ids, and `.npy
 match no clip of the split are refused (`load_predictions`).
 
 Writes <workdir>/report.md, report.json and plots/*.png (trajectories of a few test clips and
-per-method metric bars).  Runs on every process (all clips each, same seeds); process 0 writes.
+per-method metric bars). With several devices or processes the model's samples are generated
+on the training mesh (`config.mesh`): every batch is split over all devices, each process
+samples only its share, and the samples are gathered, so every process holds every clip once
+(each clip's samples depend on the seed and its id only: the numbers of one device, motion
+to float rounding). The metrics and baselines (NumPy, cheap next to generation) then run on
+every process over the gathered samples (FD, SID and STS need whole clips or pooled frames,
+so samples, not partial sums, are gathered); process 0 writes the report.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ import jax
 import numpy as np
 
 from dim_jax import files, sampler
+from dim_jax import sharding as sharding_lib
 from dim_jax.data import pipeline, records
 from dim_jax.evaluation import baselines as baselines_lib
 from dim_jax.evaluation import metrics as metrics_lib
@@ -72,15 +79,20 @@ def _model_samples(config, role: str, clips: list[dict], num_samples: int):
   """
   from dim_jax import generate  # pylint: disable=g-import-not-at-top
   ec = config.evaluate
+  # Generation on the training mesh (config.mesh): each process samples its devices' rows.
+  mesh = sharding_lib.make_mesh(config.mesh)
+  sharding_lib.check_batch_size(int(ec.batch_size), mesh, jax.process_count(),
+                                "evaluate.batch_size")
   generator = generate.Generator.from_workdir(
       config.init.model, sampler.SamplingConfig.from_config(ec.sampling),
-      **generate.window_settings(ec))
+      **generate.window_settings(ec), mesh=mesh)
   if generator.role != role:
     raise ValueError(f"{config.init.model} generates {generator.role} motion; "
                      f"evaluate.role={role!r}")
   starts = ["first_frame"] + (["none"] if bool(ec.get("no_ground_truth_row", True)) else [])
   samples = {}
-  # Every process generates every clip (same seeds), so the metrics see the whole split.
+  # Each process samples its share of the clips; every process gets all of them back, so the
+  # metrics below see the whole split once, as on one device.
   for start in starts:
     generated = generate.generate_clips(generator, clips, num_samples,
                                         jax.random.PRNGKey(int(ec.seed)),
@@ -92,6 +104,7 @@ def _model_samples(config, role: str, clips: list[dict], num_samples: int):
   settings = dict(source=generator.source, sampling=generator.sampling.to_dict(),
                   start=generator.task.model.config.start,
                   decoding=generator.task.model.config.decoding,
+                  iterative=generator.iterative.to_dict(),
                   window=generator.window, window_overlap=generator.overlap,
                   normalized=generator.task.normalization is not None)
   return samples, settings, generator

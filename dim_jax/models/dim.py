@@ -25,6 +25,12 @@ Switches beyond the official model (each changes the parameter tree as stated):
   two_branch=False      the "no speaker-listener two-branch" ablation: one motion encoder
                         (`speaker_encoder`) serves both roles and the joint encoder sees each
                         role alone (no cross-role attention); `listener_encoder` is absent.
+  causal_context=True   (parameter tree unchanged) the joint decoder's cross-attention sees
+                        only the context frames up to the frame each position predicts, so
+                        with the causal SLMFT encoders no future speaker frame or audio reaches
+                        a token (live streaming, `dim_jax/streaming.py`).  Official: the
+                        x-transformers cross-attention has no mask, so every SLMFT decoder
+                        position sees the whole window's speaker context.
 """
 
 from __future__ import annotations
@@ -71,6 +77,8 @@ class DIMConfig:
     audio_projection: 0 = the raw audio features join the decoder context (official, width
       dim + audio_dim); n > 0 = a learned Linear(audio_dim, n) first (ours, for small
       models: the 768-wide audio otherwise sets the decoder width).
+    causal_context: decoder position p sees context frames <= the frame it predicts
+      (`context_shift`); False = the whole context (official).
     dtype: matmul input dtype (params float32, accumulation float32).
   """
   motion_dim: int = 56
@@ -90,6 +98,7 @@ class DIMConfig:
   two_branch: bool = True
   num_identities: int = 0
   audio_projection: int = 0
+  causal_context: bool = False
   dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -101,6 +110,10 @@ class DIMConfig:
       raise ValueError("model.decoder_positions must be True for parallel decoding and the "
                        "continuous head: their decoder inputs are all the same mask token, so "
                        "only positions tell the frames apart")
+    if self.causal_context and parallel:
+      raise ValueError("model.causal_context needs autoregressive token decoding: a "
+                       "bidirectional decoder would pass later frames' context back through "
+                       "self-attention")
 
   @property
   def decoder_dim(self) -> int:
@@ -119,6 +132,19 @@ class DIMConfig:
   @property
   def parallel(self) -> bool:
     return self.decoding == "parallel" or self.output == "continuous"
+
+  @property
+  def context_shift(self) -> Optional[int]:
+    """Decoder position p may see context frames <= p + shift (None: all frames).
+
+    Position p predicts the token of frame p + 1 without a start token (its input is frame
+    p's token; frame 0 is given) and of frame p with one (position 0 is the start token), so
+    the shift is 1 or 0: each prediction sees the context up to and including its own frame,
+    exactly what a live listener has received when it must emit that frame.
+    """
+    if not self.causal_context:
+      return None
+    return 0 if self.start == "start_token" else 1
 
   @property
   def num_input_tokens(self) -> int:
@@ -220,6 +246,23 @@ class DIM(nn.Module):
     x = self.joint_encoder(x, mask, causal=causal)
     return self.speaker_norm(x)
 
+  def encode_speaker_step(self, speaker_motion: Array, index: Array,
+                          caches: dict) -> tuple[Array, dict]:
+    """Incremental `encode_speaker` (causal) for streaming: frames at index..index+n-1.
+
+    Args:
+      speaker_motion: [B, n, motion_dim] new frames.
+      index: scalar int position of speaker_motion[:, 0] in the window.
+      caches: {'speaker', 'joint'} K/V buffers (`init_encoder_caches`).
+
+    Returns:
+      ([B, n, dim] features equal to the causal whole-window pass's rows, updated caches).
+    """
+    x = speaker_motion + self.speaker_role_embedding
+    x, speaker = self.speaker_encoder(x, cache=caches["speaker"], cache_index=index)
+    x, joint = self.joint_encoder(x, cache=caches["joint"], cache_index=index)
+    return self.speaker_norm(x), dict(speaker=speaker, joint=joint)
+
   # --- decoder --------------------------------------------------------------------------
 
   def decoder_context(self, features: Array, audio: Array, role: str) -> Array:
@@ -275,7 +318,15 @@ def joint_decoder_module(cfg: DIMConfig) -> transformer.TokenDecoder:
       num_tokens=cfg.num_tokens, dim=cfg.decoder_dim, depth=cfg.decoder_depth,
       heads=cfg.decoder_heads, max_seq_len=cfg.max_seq_len,
       use_abs_pos_emb=cfg.decoder_positions, dim_head=cfg.dim_head, dtype=cfg.dtype,
-      num_input_tokens=cfg.num_input_tokens, causal=not cfg.parallel)
+      num_input_tokens=cfg.num_input_tokens, causal=not cfg.parallel,
+      context_shift=cfg.context_shift)
+
+
+def init_encoder_caches(cfg: DIMConfig, batch: int, length: int) -> dict:
+  """Zero K/V buffers of the speaker and joint encoders for `DIM.encode_speaker_step`."""
+  shape = (batch, cfg.heads, length, cfg.dim_head)
+  cache = lambda: [{"k": jnp.zeros(shape), "v": jnp.zeros(shape)} for _ in range(cfg.depth)]
+  return dict(speaker=cache(), joint=cache())
 
 
 def dim_config_from(model_config) -> DIMConfig:

@@ -37,7 +37,10 @@ Parameter names mirror the torch module tree, so export is a renaming plus trans
 Not implemented (unused by DIM): dropout (DIM uses none in these stacks), memory tokens,
 prepend embeds, rotary/relative positions, flash attention.  Incremental decoding is supported
 through `TokenDecoder.init_cache` / `decode_step` (self-attention K/V cache) and
-`precompute_cross` (cross-attention K/V of the context, computed once per sequence).
+`precompute_cross` (cross-attention K/V of the context, computed once per sequence), and
+incremental causal encoding through `ContinuousEncoder.init_cache` / `__call__(cache=...)`.
+Ours, off by default: `TokenDecoder(context_shift=n)` masks cross-attention so that position p
+sees context frames <= p + n (x-transformers' cross-attention has no causal mask).
 """
 
 from __future__ import annotations
@@ -130,7 +133,8 @@ class Attention(nn.Module):
                key_mask: Optional[Array] = None, query_mask: Optional[Array] = None,
                causal: bool = False, cache: Optional[dict] = None,
                cache_index: Optional[Array] = None, cross_kv: Optional[tuple] = None,
-               kv_only: bool = False) -> tuple[Array, Optional[dict]]:
+               kv_only: bool = False, context_shift: Optional[int] = None,
+               query_start: Any = 0) -> tuple[Array, Optional[dict]]:
     """Multi-head attention.
 
     Args:
@@ -147,6 +151,9 @@ class Attention(nn.Module):
       cross_kv: precomputed (k, v) [B, H, Nk, dh] of `context` (generation computes them
         once per sequence instead of once per token).
       kv_only: return those (k, v) for `context` and nothing else.
+      context_shift: cross-attention only: query i (absolute position query_start + i) sees
+        context frames j <= query_start + i + context_shift; None = every frame (official).
+      query_start: position of x[:, 0] for `context_shift` (the cache index when decoding).
 
     Returns:
       ([B, Nq, dim] float32, updated cache or None); with kv_only, (k, v).
@@ -177,6 +184,9 @@ class Attention(nn.Module):
     if causal:
       qpos = jnp.arange(nq)[:, None] + (nk - nq if cache is None else cache_index)
       allowed = allowed & (jnp.arange(nk)[None, :] <= qpos)
+    if context_shift is not None:
+      qpos = jnp.arange(nq)[:, None] + query_start
+      allowed = allowed & (jnp.arange(nk)[None, :] <= qpos + context_shift)
     sim = jnp.where(allowed, sim, MASK_VALUE)
     attn = jax.nn.softmax(sim, axis=-1)
     out = jnp.einsum("bhij,bhjd->bhid", attn.astype(self.dtype), v.astype(self.dtype),
@@ -224,7 +234,8 @@ class AttentionLayers(nn.Module):
                context: Optional[Array] = None, context_mask: Optional[Array] = None,
                cache: Optional[list] = None, cache_index: Optional[Array] = None,
                self_key_mask: Optional[Array] = None, cross_kv: Optional[list] = None,
-               cross_kv_only: bool = False) -> tuple[Any, Optional[list]]:
+               cross_kv_only: bool = False,
+               context_shift: Optional[int] = None) -> tuple[Any, Optional[list]]:
     """Runs the stack.
 
     Args:
@@ -239,12 +250,14 @@ class AttentionLayers(nn.Module):
         span the whole buffer while queries are only the new positions).
       cross_kv: per cross-attention layer (k, v) of `context`, from a `cross_kv_only` call.
       cross_kv_only: only compute those (k, v) (x is ignored): returns (list, None).
+      context_shift: causal cross-attention: query position p sees context frames
+        <= p + context_shift (p counted from cache_index); None = all frames.
 
     Returns:
       ([B, N, dim] float32 after the final norm, updated cache list or None).
     """
-    if self.cross_attend and context is None:
-      raise ValueError("cross_attend stack needs a context")
+    if self.cross_attend and context is None and cross_kv is None:
+      raise ValueError("cross_attend stack needs a context (or its cross_kv)")
     if cross_kv_only:
       return [Attention(self.dim, self.heads, self.dim_head, self.dtype, name=f"layers_{i}")(
                   None, context=context, kv_only=True)
@@ -268,7 +281,8 @@ class AttentionLayers(nn.Module):
       elif kind == "c":
         out, _ = Attention(self.dim, self.heads, self.dim_head, self.dtype, name=f"layers_{i}")(
             y, context=context, key_mask=context_mask, query_mask=mask,
-            cross_kv=None if cross_kv is None else cross_kv[c_idx])
+            cross_kv=None if cross_kv is None else cross_kv[c_idx],
+            context_shift=context_shift, query_start=0 if cache_index is None else cache_index)
         c_idx += 1
       else:
         out = FeedForward(self.dim, dtype=self.dtype, name=f"layers_{i}")(y)
@@ -345,9 +359,16 @@ class ContinuousEncoder(nn.Module):
   def _has_pos(self) -> bool:
     return self.use_abs_pos_emb and self.max_seq_len > 0
 
+  def init_cache(self, batch: int, length: int, dtype: Any = jnp.float32) -> list[dict]:
+    """Zero self-attention K/V buffers for incremental causal encoding (`cache=`)."""
+    shape = (batch, self.heads, length, self.dim_head)
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+            for _ in range(self.depth)]
+
   @nn.compact
   def __call__(self, x: Array, mask: Optional[Array] = None, causal: bool = False,
-               return_embeddings: bool = True) -> Array:
+               return_embeddings: bool = True, cache: Optional[list] = None,
+               cache_index: Any = 0) -> Any:
     """Encodes a continuous sequence.
 
     Args:
@@ -357,9 +378,14 @@ class ContinuousEncoder(nn.Module):
         `attn_mask=~triu(ones(N, N), 1)`, which this reproduces).
       return_embeddings: True (DIM) returns the final-normed embeddings; False applies
         `project_out`.
+      cache: incremental causal encoding (streaming): `init_cache` buffers; x holds the
+        frames at positions cache_index..cache_index+N-1, which see the cached frames before
+        them.  Equal to the causal pass over the whole prefix (mask and causal ignored).
+      cache_index: position of x[:, 0] (may be traced).
 
     Returns:
       [B, N, dim] float32 (or [B, N, dim_out]).  Padded rows are not zero; ignore them.
+      With a cache: (that, updated cache).
     """
     if self.dim_in is not None:
       x = Linear(self.dim, dtype=self.dtype, name="project_in")(x)
@@ -370,16 +396,23 @@ class ContinuousEncoder(nn.Module):
         raise ValueError(f"sequence length {n} > max_seq_len {self.max_seq_len}")
       table = self.param("pos_emb", nn.initializers.normal(1.0), (self.max_seq_len, self.dim),
                          jnp.float32)
-      x = x + table[:n] * (self.dim ** -0.5)
-    x, _ = AttentionLayers(self.dim, self.depth, self.heads, False, self.dim_head, self.dtype,
-                           name="attn_layers")(x, mask=mask, causal=causal)
+      x = x + jax.lax.dynamic_slice_in_dim(table, cache_index, n, axis=0) * (self.dim ** -0.5)
+    layers = AttentionLayers(self.dim, self.depth, self.heads, False, self.dim_head, self.dtype,
+                             name="attn_layers")
+    if cache is not None:
+      length = cache[0]["k"].shape[2]
+      # Keys past the written prefix are hidden by causality (query offset cache_index).
+      x, cache = layers(x, causal=True, cache=cache, cache_index=cache_index,
+                        self_key_mask=jnp.ones((x.shape[0], length), bool))
+    else:
+      x, _ = layers(x, mask=mask, causal=causal)
     if self.dim_out is not None:
       # Always called so the parameter exists (it counts in the official totals); under jit
       # the unused matmul is dead code.
       projected = Linear(self.dim_out, dtype=self.dtype, name="project_out")(x)
       if not return_embeddings:
-        return projected
-    return x
+        x = projected
+    return x if cache is None else (x, cache)
 
   def to_torch_state_dict(self, params: dict) -> dict[str, np.ndarray]:
     """Flax params (the inner dict, without 'params') -> torch state_dict names/layouts."""
@@ -422,6 +455,8 @@ class TokenDecoder(nn.Module):
       (generation without ground truth) and a mask token (the paper's parallel decoding).
     causal: causal self-attention (x-transformers `Decoder`); False for the paper's parallel
       masked decoding, where every position sees every other.
+    context_shift: None = cross-attention sees the whole context (x-transformers, official);
+      n = causal context (ours): decoder position p sees context frames <= p + n.
   """
   num_tokens: int
   dim: int
@@ -433,6 +468,7 @@ class TokenDecoder(nn.Module):
   dtype: Any = jnp.float32
   num_input_tokens: Optional[int] = None
   causal: bool = True
+  context_shift: Optional[int] = None
 
   @property
   def _has_pos(self) -> bool:
@@ -483,7 +519,8 @@ class TokenDecoder(nn.Module):
       raise ValueError(f"sequence length {tokens.shape[1]} > max_seq_len {self.max_seq_len}")
     x = self._embed(tokens)
     x, _ = self.attn_layers(x, mask=mask, causal=self.causal, context=context,
-                            context_mask=context_mask, self_key_mask=self_key_mask)
+                            context_mask=context_mask, self_key_mask=self_key_mask,
+                            context_shift=self.context_shift)
     if return_embeddings:
       return x
     return self.to_logits(x)
@@ -510,9 +547,11 @@ class TokenDecoder(nn.Module):
       tokens: [B, n] new token ids (usually n = 1).
       index: scalar int32, position of tokens[:, 0].
       cache: from `init_cache` (or the previous step).
-      context: [B, M, dim]; context_mask: [B, M] bool or None.
+      context: [B, M, dim] (None when cross_kv is given); context_mask: [B, M] bool or None.
       cross_kv: `precompute_cross(context)`, so the context is projected once per sequence
-        rather than at every token (the result is the same).
+        rather than at every token (the result is the same).  With `context_shift` a
+        streaming caller may fill it frame by frame: slots past what position
+        index + n - 1 may see are never read.
 
     Returns:
       ([B, n, num_tokens] logits, updated cache).
@@ -525,7 +564,7 @@ class TokenDecoder(nn.Module):
     x, cache = self.attn_layers(x, causal=True, context=context, context_mask=context_mask,
                               cache=cache, cache_index=index,
                               self_key_mask=jnp.ones((tokens.shape[0], length), bool),
-                              cross_kv=cross_kv)
+                              cross_kv=cross_kv, context_shift=self.context_shift)
     return self.to_logits(x), cache
 
   def to_torch_state_dict(self, params: dict) -> dict[str, np.ndarray]:

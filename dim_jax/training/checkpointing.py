@@ -385,11 +385,14 @@ def _choose_step(manager, directory: str, step) -> int:
   return chosen
 
 
-def _restore_chosen(workdir: str, step, items: dict) -> tuple[dict, int, str]:
+def _restore_chosen(workdir: str, step, items) -> tuple[dict, int, str]:
+  """`items`: restore args by item name, or a function (directory, step) -> that dict."""
   manager, directory = _read_only_manager(workdir)
   try:
     chosen = _choose_step(manager, directory, step)
     try:
+      if callable(items):
+        items = items(directory, chosen)
       with warnings.catch_warnings():
         # Host-side restore (no target shardings) is intended: the caller places the arrays.
         warnings.filterwarnings("ignore", message="Sharding info not provided")
@@ -416,8 +419,16 @@ def load_params(workdir: str, step: Optional[str] = "best") -> tuple[PyTree, dic
   Used to chain phases (VQ -> pretrain -> fine-tune) and by evaluation/export; a missing
   checkpoint is a clear error naming the directory, a corrupt one names the step.
   """
-  restored, chosen, directory = _restore_chosen(
-      workdir, step, dict(state=ocp.args.PyTreeRestore(), meta=ocp.args.JsonRestore()))
+  def host_items(directory, chosen):
+    # NumPy restore args for every saved leaf: no device needed, so a checkpoint written on
+    # other devices or processes (its saved shardings name them) reads in any process.
+    saved = ocp.PyTreeCheckpointer().metadata(os.path.join(directory, str(chosen), "state"))
+    numpy_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                              saved.item_metadata.tree)
+    return dict(state=ocp.args.PyTreeRestore(restore_args=numpy_args),
+                meta=ocp.args.JsonRestore())
+
+  restored, chosen, directory = _restore_chosen(workdir, step, host_items)
   params, meta = restored["state"]["params"], restored["meta"]
   expected = meta.get("checksums")
   verify_checksums(

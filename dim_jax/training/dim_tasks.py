@@ -19,6 +19,11 @@ Official semantics (seq2seq_pretrain.py) and where we differ, one line each:
     int(padded length x p) keys; ours int(valid length x p) among valid keys, never key 0.
   * Continuous loss: mean pairwise L2 distance (torch `pairwise_distance`, eps 1e-6) over the
     frames whose tokens are predicted, pose and expression separately, summed.
+  * Parallel decoder, fine-tuning (not official, the official decoder is autoregressive):
+    `loss.parallel_mask_schedule='all'` masks every valid frame (one-pass generation);
+    'cosine' / 'linear' mask a random fraction r = schedule(u), u ~ U(0, 1), per sequence
+    (MaskGIT), the other frames are given as their true tokens: trains the iterative decoder
+    (`sampler.iterative_decode`). CE and continuous loss on the masked frames only.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ EXPRESSION = slice(6, 56)
 IGNORE = -100
 PHASES = ("pretrain", "finetune_listener", "finetune_speaker")
 PAIRWISE_EPS = 1e-6  # torch.nn.functional.pairwise_distance default.
+PARALLEL_MASK_SCHEDULES = ("all", "cosine", "linear")
 
 
 # --- pure helpers (tested directly) -----------------------------------------------------
@@ -56,6 +62,22 @@ def random_frame_mask(rng: jax.Array, mask: jax.Array, ratio: float) -> jax.Arra
   scores = jnp.where(mask, jax.random.uniform(rng, mask.shape), jnp.inf)
   ranks = jnp.argsort(jnp.argsort(scores, axis=1), axis=1)
   count = jnp.floor(mask.sum(axis=1) * ratio).astype(jnp.int32)
+  return (ranks < count[:, None]) & mask
+
+
+def scheduled_frame_mask(rng: jax.Array, mask: jax.Array, schedule: str) -> jax.Array:
+  """[B, T] bool: a random fraction r = schedule(u), u ~ U(0, 1), of each row's valid frames.
+
+  MaskGIT's training mask: ceil(r * valid_length) distinct valid frames (at least one, so
+  every non-empty row has a target), with `sampler.mask_schedule` ('cosine': r = cos(pi/2 u)).
+  """
+  from dim_jax import sampler  # pylint: disable=g-import-not-at-top
+  r_ratio, r_frames = jax.random.split(rng)
+  ratio = sampler.mask_schedule(schedule, jax.random.uniform(r_ratio, mask.shape[:1]))
+  length = mask.sum(axis=1)
+  count = jnp.clip(jnp.ceil(ratio * length).astype(jnp.int32), 1, length)
+  scores = jnp.where(mask, jax.random.uniform(r_frames, mask.shape), jnp.inf)
+  ranks = jnp.argsort(jnp.argsort(scores, axis=1), axis=1)
   return (ranks < count[:, None]) & mask
 
 
@@ -160,12 +182,18 @@ class LossOptions:
   decoder_key_mask_prob: float = 0.0
   vq_decoder_trainable: bool = True
   causal_encoders: bool = True
+  # Fine-tuning mask of the parallel decoder: 'all' (every valid frame, one-pass decoding;
+  # also what checkpoints without this field were trained with), 'cosine' or 'linear'.
+  parallel_mask_schedule: str = "all"
 
   def __post_init__(self):
     if self.decode not in ("argmax", "soft"):
       raise errors.ConfigError(f"loss.decode={self.decode!r}; expected 'argmax' or 'soft'")
     if not 0.0 <= self.mask_ratio < 1.0:
       raise errors.ConfigError(f"loss.mask_ratio={self.mask_ratio}; expected 0 <= ratio < 1")
+    if self.parallel_mask_schedule not in PARALLEL_MASK_SCHEDULES:
+      raise errors.ConfigError(f"loss.parallel_mask_schedule={self.parallel_mask_schedule!r}; "
+                               f"expected one of {PARALLEL_MASK_SCHEDULES}")
 
 
 def trainable_by_patterns(params, frozen_patterns) -> Any:
@@ -376,6 +404,11 @@ class DIMTask:
       frames = hidden
       ce = (jnp.zeros(()), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
     elif cfg.decoding == "parallel":
+      if self.name != "pretrain" and self.options.parallel_mask_schedule != "all":
+        # Fine-tuning predicts every valid frame: mask a scheduled fraction of them instead,
+        # the rest are given (pretraining keeps its encoder mask: the hidden frames).
+        hidden = scheduled_frame_mask(r_key, hidden, self.options.parallel_mask_schedule)
+        targets = jnp.where(hidden, tokens, IGNORE)
       inputs = jnp.where(hidden, cfg.mask_token, tokens)
       logits = self.model.apply({"params": params["dim"]}, inputs, context, mask, None, mask,
                                 method=dim_lib.DIM.decode)
@@ -391,12 +424,19 @@ class DIMTask:
       frames = shifted != IGNORE
     return (logits if cfg.output == "tokens" else None), motion, frames, ce, r_dec
 
-  def _continuous(self, params, role, logits, motion, frames, target, mask, rng, train):
+  def _continuous(self, params, role, logits, motion, frames, target, mask, rng, train,
+                  given_tokens=None):
     """Pairwise-distance sums of the decoded prediction against `target` on `frames`."""
     n = frames.shape[1]
     target = target[:, -n:]  # official: predictions cover frames 1..T-1 (or all T)
     if motion is None:
       valid = mask[:, -n:]
+      if given_tokens is not None:
+        # Given frames decode their true code (a one-hot row: exact under argmax and soft),
+        # so the VQ decoder sees the sequence the model completes.
+        true_row = jax.nn.one_hot(given_tokens, logits.shape[-1], dtype=bool)
+        logits = jnp.where(frames[..., None], logits,
+                           jnp.where(true_row, 0.0, -jnp.inf).astype(logits.dtype))
       motion = self._decode_motion(params, role, logits, valid, rng, train)
     return pairwise_distance_sums(motion, target, frames)
 
@@ -458,8 +498,12 @@ class DIMTask:
       if self.model.config.output == "tokens":
         terms[f"ce_{role}"] = (ce[0], ce[1])
         terms[f"token_accuracy_{role}"] = (ce[2], ce[1])
+      # A partly masked parallel decoder is given the true tokens of its other frames.
+      given = (tokens if self.model.config.output == "tokens"
+               and self.model.config.decoding == "parallel" and self.name != "pretrain"
+               and opts.parallel_mask_schedule != "all" else None)
       pose, expression, count = self._continuous(params, role, logits, pred_motion, frames,
-                                                 motion, mask, r_dec, train)
+                                                 motion, mask, r_dec, train, given)
       terms[f"continuous_pose_{role}"] = (pose, count)
       terms[f"continuous_expression_{role}"] = (expression, count)
     return terms

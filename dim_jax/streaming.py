@@ -1,0 +1,401 @@
+"""Live DIM-Listener: one listener motion frame per pushed speaker frame, no future frames.
+
+    from dim_jax import sampler, streaming
+    listener = streaming.StreamingListener.from_workdir(
+        "runs/finetune_causal", sampler.SamplingConfig(), rng=jax.random.PRNGKey(0))
+    listener.reset(first_frame=listener_frame_0)     # or reset() for start='none'
+    for speaker_frame, audio_frame in live_source:   # [56] raw EMOCA, [A] raw audio features
+      listener_frame = listener.push(speaker_frame, audio_frame)   # [56] raw units
+
+The stream follows the offline `generate.Generator` window by window (window W = the
+training `data.max_len`, overlap O, hop H = W - O; window k covers frames [kH, kH + W) and
+restarts the encoders' and decoder's learned positions), but a frame's token is sampled when
+that frame arrives and from what has arrived: the causal SLMFT encoders see frames <= t of
+the window, and the joint decoder's cross-attention must see context <= t too, which needs a
+model fine-tuned with `model.causal_context=True` (an official model's decoder attends to the
+whole window: `StreamingListener` refuses it unless `allow_noncausal_model=True`, which then
+runs it with the causal mask it was not trained with).
+
+State (fixed shapes, independent of how many frames were pushed):
+  * speaker and joint encoder K/V caches [1, heads, W, dim_head] per layer (incremental
+    causal encoding, `DIM.encode_speaker_step`);
+  * the decoder's cross-attention K/V of the window's context rows so far and its
+    self-attention K/V cache (`TokenDecoder.decode_step`);
+  * the last O standardised speaker / audio frames and the last O tokens (the next window's
+    prefill and prompt), and the last `history` tokens for the VQ decoder.
+Every push is one jitted call: `_begin` at frame 0, `_switch` at each window switch
+(t = kH + O: the new window's encoders are prefilled with the last O frames plus the new one,
+its decoder prompted with the last O tokens, exactly as offline), `_step` otherwise; each
+compiles once.
+
+Motion. The VQ decoder is not causal (bidirectional attention, k=5 convolutions, instance
+norm over the window), so frame t's motion is the last frame of the VQ decode of the tokens
+of frames max(0, t - history + 1)..t (left-aligned, masked while fewer): it uses tokens <= t
+only. `causal_generate` computes the same for a whole clip offline (the `Generator`'s windows
+for the tokens, then every frame's history window decoded in one batch); the stream equals it
+for a batch of one with the same rng. The offline Generator instead decodes whole windows and
+cross-fades them, so its frame t also uses tokens > t: `streaming_cost` measures the
+difference on the same tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dim_jax import generate, sampler
+from dim_jax.data import records
+from dim_jax.models import dim as dim_lib
+from dim_jax.models import vqvae
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+  """Static settings of the jitted stream functions (hashable)."""
+  generator: generate.Generator
+  history: int
+
+  @property
+  def offset(self) -> int:  # decoder position of frame 0's token (1 after a start token)
+    return 1 if self.generator.task.model.config.start == "start_token" else 0
+
+
+def _check_model(generator: generate.Generator, allow_noncausal_model: bool) -> None:
+  task, cfg = generator.task, generator.task.model.config
+  if task.name != "finetune_listener":
+    raise ValueError(f"streaming needs a DIM-Listener (finetune_listener) model, got {task.name!r}")
+  if cfg.output != "tokens" or cfg.parallel:
+    raise ValueError("streaming needs autoregressive token decoding (model.decoding="
+                     f"{cfg.decoding!r}, model.output={cfg.output!r})")
+  if not task.options.causal_encoders:
+    raise ValueError("streaming needs the causal SLMFT encoders (loss.causal_encoders=True)")
+  if not cfg.causal_context and not allow_noncausal_model:
+    raise ValueError("this model was trained with model.causal_context=False: its decoder "
+                     "attends to the whole window's speaker context, which a live stream does "
+                     "not have yet; fine-tune with model.causal_context=True (or pass "
+                     "allow_noncausal_model=True to run it masked anyway)")
+
+
+class StreamingListener:
+  """Push one speaker frame, get one listener frame (module docstring).
+
+  Attributes:
+    generator: the offline generator whose model, weights, sampling and windows are used.
+    history: tokens the VQ decoder sees per emitted frame (default: the window).
+  """
+
+  def __init__(self, generator: generate.Generator, rng: Optional[Array] = None, *,
+               history: Optional[int] = None, allow_noncausal_model: bool = False):
+    _check_model(generator, allow_noncausal_model)
+    history = generator.window if history is None else int(history)
+    if history < 1:
+      raise ValueError(f"history={history}; expected >= 1 tokens")
+    self.generator = generator
+    self.history = history
+    self._spec = _Spec(generator, history)
+    self._audio_dim = generator.task.model.config.audio_dim
+    self._rng = jax.random.PRNGKey(0) if rng is None else rng
+    self.reset()
+
+  @classmethod
+  def from_workdir(cls, workdir: str, sampling: sampler.SamplingConfig, step: str = "best",
+                   *, rng: Optional[Array] = None, window: Optional[int] = None,
+                   overlap: Optional[int] = None, weights: str = "float32",
+                   history: Optional[int] = None,
+                   allow_noncausal_model: bool = False) -> "StreamingListener":
+    """A fine-tuned DIM-Listener workdir (see `generate.Generator.from_workdir`)."""
+    generator = generate.Generator.from_workdir(workdir, sampling, step, window=window,
+                                                overlap=overlap, weights=weights)
+    return cls(generator, rng, history=history, allow_noncausal_model=allow_noncausal_model)
+
+  @property
+  def frames_pushed(self) -> int:
+    return self._t
+
+  @property
+  def state(self) -> Optional[dict]:
+    """The stream's arrays (None before the first push): shapes never change."""
+    return self._state
+
+  def reset(self, rng: Optional[Array] = None, first_frame: Optional[Any] = None) -> None:
+    """Starts a new stream.
+
+    Args:
+      rng: new base key (default: keep the current one); window k's token of window
+        position p is drawn with fold_in(fold_in(rng, k), p), as the offline Generator
+        draws a clip whose row key is rng.
+      first_frame: [56] raw listener motion of frame 0 (generate start='first_frame'); None
+        = start='none' (no ground truth).
+    """
+    if rng is not None:
+      self._rng = rng
+    if first_frame is None:
+      self._first = np.zeros((records.MOTION_DIM,), np.float32)
+    else:
+      self._first = _checked("first_frame", first_frame, records.MOTION_DIM)
+    self._use_first = first_frame is not None
+    self._t = 0
+    self._state = None
+
+  def push(self, speaker_motion_frame: Any, audio_frame: Any) -> np.ndarray:
+    """Frame t's listener motion [56] (raw units) from the speaker's frame t and its audio.
+
+    Args:
+      speaker_motion_frame: [56] raw EMOCA features (pose 6 + expression 50) of frame t.
+      audio_frame: [audio_dim] raw audio features of frame t (motion frame rate).
+    """
+    speaker = _checked("speaker_motion_frame", speaker_motion_frame, records.MOTION_DIM)
+    audio = _checked("audio_frame", audio_frame, self._audio_dim)
+    gen, t = self.generator, self._t
+    params = gen.params
+    if t == 0:
+      state, motion = _begin(self._spec, params, speaker, audio, self._first,
+                             jnp.asarray(self._use_first), self._rng)
+    else:
+      k, j = _window_position(t, gen.window, gen.overlap)
+      fn = _switch if (k > 0 and j == gen.overlap) else _step
+      # The history only needs t up to its length: every argument stays bounded.
+      state, motion = fn(self._spec, params, self._state, speaker, audio, jnp.int32(k),
+                         jnp.int32(j), jnp.int32(min(t, self.history)))
+    self._state = state
+    self._t = t + 1
+    return np.asarray(motion)
+
+
+def _window_position(t: int, window: int, overlap: int) -> tuple[int, int]:
+  """(window k, position j in it) whose sampler emits frame t (windows k >= 1 sample
+  positions O..W-1; window 0 positions 0..W-1)."""
+  hop = window - overlap
+  if t < window:
+    return 0, t
+  k = (t - overlap) // hop
+  return k, t - k * hop
+
+
+def _checked(name: str, x: Any, width: int) -> np.ndarray:
+  x = np.asarray(x, np.float32)
+  if x.shape != (width,):
+    raise ValueError(f"{name} has shape {x.shape}; expected ({width},) (one frame)")
+  if not np.isfinite(x).all():
+    raise ValueError(f"{name} has non-finite values")
+  return x
+
+
+# --- the jitted pieces ------------------------------------------------------------------
+
+def _parts(spec: _Spec, params):
+  gen = spec.generator
+  task = gen.task
+  cfg = task.model.config
+  decoder = dim_lib.joint_decoder_module(cfg)
+  return task, cfg, decoder, {"params": params["dim"]}, {"params": params["dim"]["joint_decoder"]}
+
+
+def _standardized(task, speaker, audio):
+  norm = task.normalization
+  if norm is None:
+    return speaker, audio
+  return norm.normalize(speaker, "speaker_motion"), norm.normalize(audio, "speaker_audio")
+
+
+def _fresh_window(spec: _Spec) -> dict:
+  """Zero encoder caches, cross-attention K/V rows and decoder self-attention cache."""
+  cfg, window = spec.generator.task.model.config, spec.generator.window
+  decoder = dim_lib.joint_decoder_module(cfg)
+  cross_shape = (1, cfg.decoder_heads, window, cfg.dim_head)
+  return dict(encoders=dim_lib.init_encoder_caches(cfg, 1, window),
+              cross=[(jnp.zeros(cross_shape), jnp.zeros(cross_shape))
+                     for _ in range(cfg.decoder_depth)],
+              decoder=decoder.init_cache(1, window + spec.offset))
+
+
+def _encode(spec: _Spec, params, state: dict, speaker: Array, audio: Array, index) -> dict:
+  """Encodes [n] new standardised frames at window positions index.. into the caches."""
+  task, cfg, decoder, dim_vars, dec_vars = _parts(spec, params)
+  model = task.model
+  feats, encoders = model.apply(dim_vars, speaker[None], index, state["encoders"],
+                                method=dim_lib.DIM.encode_speaker_step)
+  context = model.apply(dim_vars, feats, audio[None], "speaker",
+                        method=dim_lib.DIM.decoder_context)
+  new_kv = decoder.apply(dec_vars, context, method=type(decoder).precompute_cross)
+  write = lambda buf, x: jax.lax.dynamic_update_slice(buf, x.astype(buf.dtype), (0, 0, index, 0))
+  cross = [(write(k, nk), write(v, nv)) for (k, v), (nk, nv) in zip(state["cross"], new_kv)]
+  return dict(state, encoders=encoders, cross=cross)
+
+
+def _decode(spec: _Spec, params, state: dict, inputs: Array, position) -> tuple[Array, dict]:
+  """Feeds decoder inputs [n] at positions position..; returns the last row's logits."""
+  _, _, decoder, _, dec_vars = _parts(spec, params)
+  logits, cache = decoder.apply(dec_vars, inputs[None], position, state["decoder"], None, None,
+                                state["cross"], method=type(decoder).decode_step)
+  return logits[:, -1], dict(state, decoder=cache)
+
+
+def _sample(spec: _Spec, logits: Array, rng: Array, k, position) -> Array:
+  key = jax.random.fold_in(jax.random.fold_in(rng, k), position)
+  return sampler.sample_next(key, logits, spec.generator.sampling)[0]
+
+
+def _emit(spec: _Spec, params, state: dict, token: Array, speaker: Array, audio: Array,
+          t) -> tuple[dict, Array]:
+  """Records frame t's token and inputs; VQ-decodes the history ending at t (raw motion).
+
+  t may be capped at `spec.history` (all t >= history behave alike)."""
+  gen, length = spec.generator, spec.history
+  task = gen.task
+  history = state["history"]
+  appended = jnp.concatenate([history[1:], token[None]])
+  history = jnp.where(t < length, history.at[jnp.minimum(t, length - 1)].set(token), appended)
+  shift = lambda buf, x: jnp.concatenate([buf[1:], x[None].astype(buf.dtype)])
+  state = dict(state, history=history, recent=shift(state["recent"], token),
+               speaker=shift(state["speaker"], speaker), audio=shift(state["audio"], audio),
+               previous=token)
+  mask = jnp.arange(length) <= t
+  motion = task.listener_vq.apply({"params": params["listener_vq"]}, history[None], mask[None],
+                                  method=vqvae.VQVAE.decode_tokens)[0, jnp.minimum(t, length - 1)]
+  if task.normalization is not None:
+    motion = task.normalization.denormalize(motion, "listener_motion")
+  return state, motion
+
+
+_JIT = dict(static_argnums=(0,))
+
+
+@functools.partial(jax.jit, **_JIT)
+def _begin(spec: _Spec, params, speaker, audio, first_frame, use_first_frame, rng):
+  """Frame 0: a fresh state, frame 0 encoded, its token given (or sampled after a start)."""
+  gen = spec.generator
+  task, cfg, *_ = _parts(spec, params)
+  overlap = gen.overlap
+  speaker, audio = _standardized(task, speaker, audio)
+  state = dict(_fresh_window(spec), rng=rng,
+               history=jnp.zeros((spec.history,), jnp.int32),
+               recent=jnp.zeros((overlap,), jnp.int32),
+               speaker=jnp.zeros((overlap, speaker.shape[-1]), jnp.float32),
+               audio=jnp.zeros((overlap, audio.shape[-1]), jnp.float32),
+               previous=jnp.zeros((), jnp.int32))
+  state = _encode(spec, params, state, speaker[None], audio[None], 0)
+  # The offline Generator's frame-0 token (still-window code of the first frame, or of the
+  # training mean with start='none').
+  first = generate._first_tokens(gen, params, first_frame[None], use_first_frame,  # pylint: disable=protected-access
+                                 num_samples=1)[0]
+  if spec.offset:
+    logits, state = _decode(spec, params, state, jnp.full((1,), cfg.start_token, jnp.int32), 0)
+    token = jnp.where(use_first_frame, first, _sample(spec, logits, rng, 0, 1))
+  else:
+    token = first
+  return _emit(spec, params, state, token, speaker, audio, 0)
+
+
+@functools.partial(jax.jit, **_JIT)
+def _step(spec: _Spec, params, state, speaker, audio, k, j, t):
+  """Frame t at position j of window k: encode it, feed frame j-1's token, sample frame j."""
+  task = spec.generator.task
+  speaker, audio = _standardized(task, speaker, audio)
+  state = _encode(spec, params, state, speaker[None], audio[None], j)
+  logits, state = _decode(spec, params, state, state["previous"][None], j - 1 + spec.offset)
+  token = _sample(spec, logits, state["rng"], k, j + spec.offset)
+  return _emit(spec, params, state, token, speaker, audio, t)
+
+
+@functools.partial(jax.jit, **_JIT)
+def _switch(spec: _Spec, params, state, speaker, audio, k, j, t):
+  """Frame t = kH + O, the first window k samples: a fresh window prefilled with the last O
+  frames and prompted with their O tokens (as the offline Generator), then frame O sampled."""
+  gen = spec.generator
+  task, cfg, *_ = _parts(spec, params)
+  speaker, audio = _standardized(task, speaker, audio)
+  fresh = dict(state, **_fresh_window(spec))
+  frames_speaker = jnp.concatenate([state["speaker"], speaker[None]])
+  frames_audio = jnp.concatenate([state["audio"], audio[None]])
+  fresh = _encode(spec, params, fresh, frames_speaker, frames_audio, 0)
+  prompt = state["recent"]
+  if spec.offset:
+    prompt = jnp.concatenate([jnp.full((1,), cfg.start_token, jnp.int32), prompt])
+  logits, fresh = _decode(spec, params, fresh, prompt, 0)
+  token = _sample(spec, logits, state["rng"], k, gen.overlap + spec.offset)
+  del j
+  return _emit(spec, params, fresh, token, speaker, audio, t)
+
+
+# --- the offline twin -----------------------------------------------------------------
+
+def causal_generate(generator: generate.Generator, speaker_motion: Any, speaker_audio: Any,
+                    rng: Array, *, first_frame: Optional[Any] = None,
+                    history: Optional[int] = None, chunk: int = 256) -> dict:
+  """What the stream emits for a whole clip, computed offline (batch of one).
+
+  Tokens: the offline `Generator` (whole-window conditioning, cached scan sampling) on the
+  clip with `rng`; motion: frame t is the last frame of the VQ decode of tokens
+  max(0, t - history + 1)..t (all frames' history windows decoded in batches of `chunk`).
+
+  Args:
+    generator: a Generator of a causal-context DIM-Listener.
+    speaker_motion: [T, 56] raw; speaker_audio: [T, A] raw.
+    rng: the stream's rng (a raw `PRNGKey`), used as the clip's row key.
+    first_frame: [56] raw listener frame 0 (start='first_frame') or None (start='none').
+    history: tokens per VQ decode (default: the window).
+
+  Returns:
+    dict(tokens [T] int32, motion [T, 56] raw float32, offline_motion [T, 56]: the
+    Generator's own cross-faded motion of the same tokens).
+  """
+  speaker_motion = np.asarray(speaker_motion, np.float32)
+  frames = speaker_motion.shape[0]
+  history = generator.window if history is None else int(history)
+  batch = dict(speaker_motion=speaker_motion[None],
+               speaker_audio=np.asarray(speaker_audio, np.float32)[None],
+               mask=np.ones((1, frames), bool))
+  start = "none" if first_frame is None else "first_frame"
+  if first_frame is not None:
+    batch["listener_motion"] = np.asarray(first_frame, np.float32).reshape(1, 1, -1)
+  # As the clip's own row key (`Generator` takes one key per row): the stream's rng.
+  out = generator(batch, jnp.asarray(rng)[None], num_samples=1, start=start)
+  tokens = np.asarray(out["tokens"][0, 0])
+  motion = decode_histories(generator, tokens, history, chunk=chunk)
+  return dict(tokens=tokens, motion=motion, offline_motion=np.asarray(out["motion"][0, 0]))
+
+
+def decode_histories(generator: generate.Generator, tokens: Any, history: int,
+                     chunk: int = 256) -> np.ndarray:
+  """[T, 56] raw: frame t = last frame of the VQ decode of its `history` tokens ending at t."""
+  tokens = np.asarray(tokens, np.int32)
+  frames = tokens.shape[0]
+  t = np.arange(frames)[:, None]
+  first = np.maximum(t - history + 1, 0)
+  index = np.minimum(first + np.arange(history)[None], frames - 1)
+  rows = tokens[index]                                   # [T, history], left-aligned
+  mask = (first + np.arange(history)[None]) <= t
+  last = np.minimum(t[:, 0], history - 1)
+  pad = -frames % chunk
+  rows = np.pad(rows, [(0, pad), (0, 0)])
+  mask = np.pad(mask, [(0, pad), (0, 0)], constant_values=True)
+  out = [np.asarray(_decode_rows(generator, generator.params, rows[i:i + chunk],
+                                 mask[i:i + chunk]))
+         for i in range(0, rows.shape[0], chunk)]
+  decoded = np.concatenate(out)[:frames]
+  return decoded[np.arange(frames), last].astype(np.float32)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _decode_rows(generator: generate.Generator, params, rows, mask):
+  task = generator.task
+  motion = task.listener_vq.apply({"params": params["listener_vq"]}, rows, mask,
+                                  method=vqvae.VQVAE.decode_tokens)
+  if task.normalization is not None:
+    motion = task.normalization.denormalize(motion, "listener_motion")
+  return motion
+
+
+def streaming_cost(streamed: Any, offline: Any) -> dict:
+  """Mean squared difference of streamed (history-decoded) and cross-faded offline motion of
+  the same tokens, per part (expression dims 6:56, pose 0:6), raw units."""
+  diff = np.square(np.asarray(streamed, np.float64) - np.asarray(offline, np.float64))
+  return dict(expression_mse=float(diff[..., 6:].mean()), pose_mse=float(diff[..., :6].mean()))
