@@ -148,6 +148,11 @@ def run_demo(workdir: str, vq_steps: int = 0, pretrain_steps: int = 60,
     config.init.speaker_vq, config.init.listener_vq = path("vq_speaker"), path("vq_listener")
     if phase != "pretrain":
       config.init.pretrain = path("pretrain")
+      # The deployable listener: cross-attention to speaker frames up to the predicted one
+      # (streaming needs it; ours, official False). Same budget, on the demo data: expression
+      # FD 0.357 -> 0.300, MSE 0.029 -> 0.013; pose unchanged (README, "Fewer passes and a
+      # live listener").
+      config.model.causal_context = True
     reports[phase] = phases.run(config, path(phase))
   config = _demo_data(config_lib.evaluate_config(), data_dir)
   config.init.model = path("finetune_listener")

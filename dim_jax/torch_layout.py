@@ -464,6 +464,10 @@ def dim_behaviour_differences(phase: str, cfg: dim_lib.DIMConfig) -> list[str]:
     out.append("model.decoding='parallel': the official decoder is autoregressive (causal)")
   if cfg.start != "ground_truth":
     out.append("model.start='start_token': the official decoder has no start-token row")
+  if getattr(cfg, "causal_context", False):
+    out.append("model.causal_context=True: trained with cross-attention to frames up to the "
+               "predicted one; the official decoder's cross-attention sees the whole window "
+               "(pass a causal context mask to reproduce ours)")
   if cfg.output != "tokens":
     out.append("model.output='continuous': the no-VQ regression head has no official class")
   if not cfg.two_branch:

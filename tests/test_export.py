@@ -187,7 +187,7 @@ def test_export_loads_into_the_reference(runs, phase):
 def test_switches_without_official_counterpart_are_listed(tmp_path):
   """A tiny-config checkpoint (ours-only switches) exports with every difference listed."""
   config = config_lib.shrink_dim_to_tiny(config_lib.dim_config("finetune_listener"))
-  config.model.update(TINY_DIM, audio_projection=16)
+  config.model.update(TINY_DIM, audio_projection=16, causal_context=True)
   config.data.update(max_len=FRAMES, normalize="none")
   vq_config = vqvae.VQConfig(**TINY_VQ, codebook_normalize=True, conv_norm="frame")
   task = dim_tasks.DIMTask.from_config(config, speaker_vq=vq_config, listener_vq=vq_config)
@@ -202,8 +202,8 @@ def test_switches_without_official_counterpart_are_listed(tmp_path):
       ours=(16, 48), official=(16, 800))
   assert not set(comparison.shape_differs) & set(comparison.state_dict)
   differences = " ".join(description["behaviour_differences"])
-  for switch in ("decoder_positions", "audio_projection", "positional_encoding='time'",
-                 "codebook_normalize", "conv_norm='frame'"):
+  for switch in ("decoder_positions", "audio_projection", "causal_context",
+                 "positional_encoding='time'", "codebook_normalize", "conv_norm='frame'"):
     assert switch in differences, switch
   assert len(comparison.unmatched_lines()) == (len(comparison.ours_only)
                                                + len(comparison.shape_differs))
