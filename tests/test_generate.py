@@ -14,12 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dim_jax import config_lib, generate, sampler
+from dim_jax import generate, sampler
 from dim_jax.data import normalization as normalization_lib
 from dim_jax.data import pipeline, synthetic
 from dim_jax.models import vqvae
-from dim_jax.training import dim_tasks
 from helpers import params as params_helper
+from helpers import tiny_dim
 
 WINDOW, OVERLAP = 16, 4
 HOP = WINDOW - OVERLAP
@@ -44,19 +44,12 @@ def _random_params(abstract, seed=0):
 @functools.lru_cache(maxsize=None)
 def _task(variant="official", normalized=True):
   ablation = {"continuous": "no_vq"}.get(variant, "none")
-  config = config_lib.shrink_dim_to_tiny(config_lib.dim_config("finetune_listener", ablation))
-  config.model.update(dim=32, depth=1, heads=2, dim_head=16, num_tokens=16, decoder_depth=1,
-                      decoder_heads=2, audio_projection=16, max_seq_len=64)
+  config = tiny_dim.finetune_config(WINDOW, ablation)
   if variant == "start_token":
     config.model.start = "start_token"
   if variant == "parallel":
     config.model.decoding = "parallel"
-  config.data.max_len = WINDOW
-  vq = config_lib.shrink_to_tiny(config_lib.vq_config("listener")).model
-  vq.update(hidden_size=32, num_layers=1, num_heads=4, mlp_dim=64, codebook_size=16, code_dim=8)
-  vq_config = vqvae.vq_config_from(vq)
-  return dim_tasks.DIMTask.from_config(config, speaker_vq=vq_config, listener_vq=vq_config,
-                                       normalization=_normalization() if normalized else None)
+  return tiny_dim.task(config, _normalization() if normalized else None)
 
 
 @functools.lru_cache(maxsize=None)

@@ -14,11 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dim_jax import config_lib, errors, generate, sampler
+from dim_jax import errors, generate, sampler
 from dim_jax.data import pipeline
-from dim_jax.models import vqvae
 from dim_jax.training import dim_tasks
 from helpers import params as params_helper
+from helpers import tiny_dim
 
 VOCAB = 12
 MASK = VOCAB + 1  # as DIMConfig: num_tokens (unused start row), num_tokens + 1 (mask)
@@ -185,15 +185,9 @@ WINDOW, OVERLAP = 16, 4
 
 @functools.lru_cache(maxsize=None)
 def _task(schedule="cosine"):
-  config = config_lib.shrink_dim_to_tiny(config_lib.dim_config("finetune_listener"))
-  config.model.update(dim=32, depth=1, heads=2, dim_head=16, num_tokens=16, decoder_depth=1,
-                      decoder_heads=2, audio_projection=16, max_seq_len=64, decoding="parallel")
+  config = tiny_dim.finetune_config(WINDOW, decoding="parallel")
   config.loss.parallel_mask_schedule = schedule
-  config.data.max_len = WINDOW
-  vq = config_lib.shrink_to_tiny(config_lib.vq_config("listener")).model
-  vq.update(hidden_size=32, num_layers=1, num_heads=4, mlp_dim=64, codebook_size=16, code_dim=8)
-  vq_config = vqvae.vq_config_from(vq)
-  return dim_tasks.DIMTask.from_config(config, speaker_vq=vq_config, listener_vq=vq_config)
+  return tiny_dim.task(config)
 
 
 @functools.lru_cache(maxsize=None)

@@ -17,9 +17,10 @@ import pytest
 from dim_jax import config_lib, generate, sampler
 from dim_jax.data import pipeline
 from dim_jax.models import dim as dim_lib
-from dim_jax.models import quantize, vqvae
-from dim_jax.training import checkpointing, dim_tasks
+from dim_jax.models import quantize
+from dim_jax.training import checkpointing
 from helpers import params as params_helper
+from helpers import tiny_dim
 
 WINDOW = 16
 DECODER_DEPTH = 2
@@ -33,15 +34,7 @@ RELATIVE_STEP = {"int8": 0.5 / quantize.INT8_MAX, "bfloat16": 2.0 ** -8}
 
 @functools.lru_cache(maxsize=None)
 def _task():
-  config = config_lib.shrink_dim_to_tiny(config_lib.dim_config("finetune_listener"))
-  config.model.update(dim=32, depth=1, heads=2, dim_head=16, num_tokens=16,
-                      decoder_depth=DECODER_DEPTH, decoder_heads=2, audio_projection=16,
-                      max_seq_len=64)
-  config.data.max_len = WINDOW
-  vq = config_lib.shrink_to_tiny(config_lib.vq_config("listener")).model
-  vq.update(hidden_size=32, num_layers=1, num_heads=4, mlp_dim=64, codebook_size=16, code_dim=8)
-  vq_config = vqvae.vq_config_from(vq)
-  return dim_tasks.DIMTask.from_config(config, speaker_vq=vq_config, listener_vq=vq_config)
+  return tiny_dim.task(tiny_dim.finetune_config(WINDOW, decoder_depth=DECODER_DEPTH))
 
 
 @functools.lru_cache(maxsize=None)

@@ -17,8 +17,8 @@ from dim_jax.data import normalization as normalization_lib
 from dim_jax.data import pipeline
 from dim_jax.models import dim as dim_lib
 from dim_jax.models import transformer, vqvae
-from dim_jax.training import dim_tasks
 from helpers import params as params_helper
+from helpers import tiny_dim
 
 WINDOW, OVERLAP = 16, 4
 FRAMES = 45
@@ -36,16 +36,8 @@ def _normalization():
 
 @functools.lru_cache(maxsize=None)
 def _generator(start="ground_truth", causal_context=True):
-  config = config_lib.shrink_dim_to_tiny(config_lib.dim_config("finetune_listener"))
-  config.model.update(dim=32, depth=1, heads=2, dim_head=16, num_tokens=16, decoder_depth=1,
-                      decoder_heads=2, audio_projection=16, max_seq_len=64, start=start,
-                      causal_context=causal_context)
-  config.data.max_len = WINDOW
-  vq = config_lib.shrink_to_tiny(config_lib.vq_config("listener")).model
-  vq.update(hidden_size=32, num_layers=1, num_heads=4, mlp_dim=64, codebook_size=16, code_dim=8)
-  vq_config = vqvae.vq_config_from(vq)
-  task = dim_tasks.DIMTask.from_config(config, speaker_vq=vq_config, listener_vq=vq_config,
-                                       normalization=_normalization())
+  config = tiny_dim.finetune_config(WINDOW, start=start, causal_context=causal_context)
+  task = tiny_dim.task(config, _normalization())
   abstract = jax.eval_shape(functools.partial(task.init_params, jax.random.PRNGKey(0)),
                             pipeline.dummy_batch(1))
   params = jax.tree.map(jnp.asarray, params_helper.random_params(abstract, 0, bias_scale=0.1))
