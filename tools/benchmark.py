@@ -83,6 +83,20 @@ def time_calls(call, warmup: int, steps: int) -> tuple[float, list[float]]:
   return compile_s, times
 
 
+def time_interleaved(call, settings: list, warmup: int, steps: int) -> tuple[dict, dict]:
+  """`time_calls` for several settings in one process, called in turn (order reversed every
+  other round, so drift in machine load hits each alike): ({setting: first call incl.
+  compile}, {setting: timed calls after `warmup`}); `call(setting, i)` returns its seconds."""
+  compile_s = {setting: call(setting, -1) for setting in settings}
+  times = {setting: [] for setting in settings}
+  for i in range(warmup + steps):
+    for setting in settings if i % 2 == 0 else settings[::-1]:
+      elapsed = call(setting, i)
+      if i >= warmup:
+        times[setting].append(elapsed)
+  return compile_s, times
+
+
 def train_step_calls(step_fn, state, batch):
   """A `time_calls` callable running `step_fn` on a carried (donated) state."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -285,13 +299,7 @@ def weights_child(frames: int, dtype: str, warmup: int, steps: int, weights: lis
     jax.block_until_ready(generators[w](batches[n], jax.random.PRNGKey(i + 1))["motion"])
     return time.perf_counter() - t0
 
-  compile_s = {setting: call(setting, -1) for setting in settings}
-  times = {setting: [] for setting in settings}
-  for i in range(warmup + steps):
-    for setting in settings if i % 2 == 0 else settings[::-1]:
-      elapsed = call(setting, i)
-      if i >= warmup:
-        times[setting].append(elapsed)
+  compile_s, times = time_interleaved(call, settings, warmup, steps)
   out = {}
   for n, w in settings:
     held = generators[w].params
@@ -387,13 +395,7 @@ def bf16_child(phase: str, frames: int, warmup: int, steps: int) -> dict:
     calls[dtype](i)
     return time.perf_counter() - t0
 
-  compile_s = {dtype: timed(dtype, -1) for dtype in dtypes}
-  times = {dtype: [] for dtype in dtypes}
-  for i in range(warmup + steps):
-    for dtype in dtypes if i % 2 == 0 else dtypes[::-1]:
-      elapsed = timed(dtype, i)
-      if i >= warmup:
-        times[dtype].append(elapsed)
+  compile_s, times = time_interleaved(timed, list(dtypes), warmup, steps)
   return dict(info, times=times, compile_s=compile_s)
 
 
@@ -471,13 +473,7 @@ def iterative_child(frames: int, dtype: str, warmup: int, steps: int,
     jax.block_until_ready(generators[name](batch, jax.random.PRNGKey(i + 1))["motion"])
     return time.perf_counter() - t0
 
-  compile_s = {name: call(name, -1) for name in settings}
-  times = {name: [] for name in settings}
-  for i in range(warmup + steps):
-    for name in settings if i % 2 == 0 else settings[::-1]:
-      elapsed = call(name, i)
-      if i >= warmup:
-        times[name].append(elapsed)
+  compile_s, times = time_interleaved(call, settings, warmup, steps)
   return {name: dict(times=times[name], compile_s=compile_s[name]) for name in settings}
 
 
