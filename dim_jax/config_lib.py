@@ -126,6 +126,8 @@ def vq_model_config() -> ml_collections.ConfigDict:
   model.beta = 0.25                # commitment weight.
   model.codebook_normalize = False  # ours: cosine-distance codes (True in the tiny config).
   model.code_groups = 1            # ours: >1 = product quantizer (codebook_size = K**groups).
+  model.part_encoders = False      # ours: with code_groups=2, pose and expression encoders of their own.
+  model.pose_codes = 0             # ours, with part_encoders: pose codes (0 = sqrt(codebook_size)).
   model.conv_norm = "instance"     # after each conv: 'instance' (official), 'frame' (ours), 'none'.
   model.zero_init_output = False   # ours: decoder output layer starts at 0 (True when tiny).
   model.leaky_slope = 0.2
@@ -297,6 +299,7 @@ def dim_model_config(phase: str) -> ml_collections.ConfigDict:
   model.decoder_positions = phase != "finetune_listener"
   model.decoding = "autoregressive"  # official; 'parallel' = the paper's masked decoding.
   model.causal_context = False     # official; True = decoder cross-attention sees frames <= t only.
+  model.token_factors = ()         # official; (P, E) = factorised head over (pose code, expression code).
   model.start = "ground_truth"     # official first input; 'start_token' needs no ground truth.
   model.output = "tokens"          # 'continuous' = Table 3 "no VQ" regression head.
   model.two_branch = True          # False = Table 3 "no speaker-listener two-branch".

@@ -398,6 +398,10 @@ def dim_to_torch(params: Mapping[str, Any], cfg: dim_lib.DIMConfig, speaker_vq: 
                  listener_vq: vqvae.VQConfig) -> tuple[dict[str, np.ndarray], Shapes]:
   """A DIM task's params {'dim', 'speaker_vq', 'listener_vq'} -> (state_dict candidates in the
   official names, {our path: shape} of parameters with no official name)."""
+  if cfg.token_factors:
+    raise LayoutError(f"model.token_factors={cfg.token_factors} (factorised head) has no "
+                      "official layout: x-transformers holds one [num_tokens, dim] embedding "
+                      "and one [num_tokens, dim] logit table")
   sd: dict[str, np.ndarray] = {}
   for role, vq in (("speaker", speaker_vq), ("listener", listener_vq)):
     sd.update({f"{role}_vq.{k}": v for k, v in vq_to_torch(params[f"{role}_vq"], vq).items()})

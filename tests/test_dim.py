@@ -329,6 +329,37 @@ def test_phase_cross_entropy_only_on_predicted_valid_frames(phase, base_params):
   assert _predict_ce(task, params, role, changed, hidden, context, mask)[2][0] != ce[0]
 
 
+def test_factorised_head_scores_the_pose_and_expression_codes_of_part_tokenizers():
+  """model.token_factors=(P, E) with part-encoder tokenizers: CE of token t is the pose
+  code's CE plus the expression code's, each under its own softmax; mismatched tokenizers
+  are refused."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  part_vq = dataclasses.replace(TINY_VQ, code_groups=2, part_encoders=True, pose_codes=2)
+  config = config_lib.dim_config("finetune_listener")
+  config.model.token_factors = (2, 8)
+  task = task_from_config(config, part_vq)
+  for factors, tokenizer in (((4, 4), part_vq), ((2, 8), TINY_VQ)):
+    config.model.token_factors = factors
+    with pytest.raises(ValueError, match="token_factors"):
+      task_from_config(config, tokenizer)
+  batch = make_batch(0)
+  params = random_params(jax.eval_shape(task.init_params, jax.random.PRNGKey(0), batch), seed=3)
+  rng = np.random.default_rng(8)
+  mask = prefix_mask(LENGTHS, FRAMES)
+  tokens = rng.integers(0, 16, size=mask.shape).astype(np.int32)
+  context = rng.normal(size=(len(LENGTHS), FRAMES, TINY_DIM["dim"] + AUDIO)).astype(np.float32)
+  logits, _, ce = _predict_ce(task, params, "listener", tokens, mask, context, mask)
+  pairs = logits.astype(np.float64).reshape(*logits.shape[:2], 2, 8)
+  log_softmax = lambda x: x - np.log(np.exp(x).sum(-1, keepdims=True))
+  pose_logp, expression_logp = log_softmax(pairs[..., :, 0]), log_softmax(pairs[..., 0, :])
+  targets = tokens[:, 1:]  # position p predicts frame p + 1
+  assert logits.shape == (*targets.shape, 16)
+  nll = -(np.take_along_axis(pose_logp, (targets // 8)[..., None], -1)[..., 0]
+          + np.take_along_axis(expression_logp, (targets % 8)[..., None], -1)[..., 0])
+  np.testing.assert_allclose(ce[0], nll[mask[:, 1:]].sum(), rtol=1e-5)
+  assert np.std(pose_logp) > 0.01 and np.std(expression_logp) > 0.01  # not a uniform head
+
+
 # --- 4. continuous loss ---------------------------------------------------------------------
 
 def test_pairwise_distance_sums_match_torch_formula():

@@ -209,6 +209,9 @@ def test_switches_without_official_counterpart_are_listed(tmp_path):
                                                + len(comparison.shape_differs))
   with pytest.raises(torch_layout.LayoutError, match="code_groups=2"):
     torch_layout.vq_to_torch({}, vqvae.VQConfig(**dict(TINY_VQ, codebook_size=256), code_groups=2))
+  with pytest.raises(torch_layout.LayoutError, match="token_factors"):
+    torch_layout.dim_to_torch({}, dim_lib.DIMConfig(num_tokens=16, token_factors=(4, 4)),
+                              vqvae.VQConfig(**TINY_VQ), vqvae.VQConfig(**TINY_VQ))
 
 
 # --- numbers --------------------------------------------------------------------------------

@@ -429,3 +429,36 @@ def test_sampler_compiles_once_per_shape():
   with pytest.raises(AssertionError, match="traced"):
     guarded(dec, params, first_tokens=FIRST, length=13, context=ctx, context_mask=mask,
             rng=jax.random.PRNGKey(0), sampling=GREEDY)
+
+
+def test_factorised_decoder_equals_the_flat_decoder_of_summed_rows():
+  # token_factors (P, E): token t = (t // E, t % E). A flat decoder whose embedding row t is
+  # the sum of the two codes' rows and whose logit column t is the sum of their columns must
+  # compute the same logits, for code ids and for the special (start) id past the vocabulary.
+  pose, size, special = 3, 5, 1
+  vocab = pose * size
+  factorised = TokenDecoder(vocab, DIM, 1, HEADS, MAX_LEN, dim_head=DIM_HEAD,
+                            num_input_tokens=vocab + special, token_factors=(pose, size))
+  flat = factorised.clone(token_factors=())
+  rng = np.random.default_rng(7)
+  tokens = jnp.asarray(rng.integers(0, vocab + special, (3, 9)), jnp.int32)
+  context = jnp.asarray(rng.normal(size=(3, CTX_LEN, DIM)), jnp.float32)
+  params = factorised.init(jax.random.PRNGKey(0), tokens, context)["params"]
+  emb, kernel = np.asarray(params["token_emb"]), np.asarray(params["to_logits"]["kernel"])
+  assert emb.shape == (pose + size + special, DIM) and kernel.shape == (DIM, pose + size)
+  first, second = np.arange(vocab) // size, pose + np.arange(vocab) % size
+  flat_params = dict(params, token_emb=np.concatenate([emb[first] + emb[second],
+                                                       emb[pose + size:]]),
+                     to_logits={"kernel": kernel[:, first] + kernel[:, second]})
+  expected = np.asarray(flat.apply({"params": flat_params}, tokens, context))
+  got = np.asarray(factorised.apply({"params": params}, tokens, context))
+  assert got.shape == (3, 9, vocab)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  # The incremental step (generation) gives the same logits as the full pass.
+  cache = factorised.init_cache(3, MAX_LEN)
+  stepped, _ = factorised.apply({"params": params}, tokens, jnp.int32(0), cache, context,
+                                method=TokenDecoder.decode_step)
+  np.testing.assert_allclose(np.asarray(stepped), got, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="product"):
+    TokenDecoder(24, DIM, 1, HEADS, MAX_LEN, token_factors=(5, 5)).init(
+        jax.random.PRNGKey(0), tokens % 24, context)

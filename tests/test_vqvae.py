@@ -234,6 +234,43 @@ def test_product_quantizer_tokens_are_mixed_radix_of_per_group_nearest_codes():
     vqvae.VQConfig(codebook_size=128, code_dim=32, code_groups=2)  # 128 is not a square
 
 
+@pytest.mark.parametrize("pose_codes", [0, 4])
+def test_part_encoders_give_a_pose_code_and_an_expression_code(pose_codes):
+  # part_encoders: token = pose code * E + expression code, each code read from its own part
+  # (pose_codes=0: 16 x 16 codes; 4: 4 pose x 64 expression codes).
+  config = dataclasses.replace(TINY, codebook_size=256, code_groups=2, part_encoders=True,
+                               codebook_normalize=True, pose_codes=pose_codes)
+  pose, expression = (pose_codes, 256 // pose_codes) if pose_codes else (16, 16)
+  model, params = _init(config, frames=12)
+  assert {"pose_encoder", "expression_encoder"} <= set(params) and "encoder" not in params
+  rng = np.random.default_rng(3)
+  motion = jnp.asarray(rng.normal(size=(4, 12, 56)).astype(np.float32))
+  mask = jnp.ones((4, 12), bool)
+  encode = lambda m: np.asarray(model.apply({"params": params}, m, mask,
+                                            method=vqvae.VQVAE.encode)["tokens"])
+  tokens = encode(motion)
+  other_expression = encode(motion.at[..., 6:].set(rng.normal(size=(4, 12, 50))))
+  other_pose = encode(motion.at[..., :6].set(rng.normal(size=(4, 12, 6))))
+  # New expression: the pose digit stays, the expression digit moves (and vice versa).
+  np.testing.assert_array_equal(other_expression // expression, tokens // expression)
+  np.testing.assert_array_equal(other_pose % expression, tokens % expression)
+  assert (other_expression % expression != tokens % expression).mean() > 0.5
+  assert (other_pose // expression != tokens // expression).mean() > 0.25
+  assert tokens.max() < 256 and (tokens // expression).max() < pose
+  # The decoder's vector of a token: the pose code's vector, then the expression code's.
+  quantizer = vqvae.VectorQuantizer(256, 16, 0.25, True, 2, config.code_sizes)
+  table = np.asarray(params["quantizer"]["codebook"])               # [2, max(P, E), 8]
+  unit = table / np.linalg.norm(table, axis=-1, keepdims=True)
+  codes = np.asarray(quantizer.apply({"params": params["quantizer"]}, method=quantizer.codes))
+  token = (pose - 1) * expression + 2
+  np.testing.assert_allclose(codes[token], np.r_[unit[0, pose - 1], unit[1, 2]], atol=1e-6)
+  for bad in (dict(code_groups=1, codebook_size=64), dict(code_groups=4, codebook_size=256)):
+    with pytest.raises(ValueError, match="part_encoders"):
+      dataclasses.replace(config, **bad)
+  with pytest.raises(ValueError, match="pose_codes"):
+    dataclasses.replace(config, pose_codes=3)  # does not divide 256
+
+
 def test_part_balanced_loss_is_each_parts_relative_raw_error():
   from dim_jax import config_lib
   from dim_jax.data import normalization

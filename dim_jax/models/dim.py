@@ -79,6 +79,8 @@ class DIMConfig:
       models: the 768-wide audio otherwise sets the decoder width).
     causal_context: decoder position p sees context frames <= the frame it predicts
       (`context_shift`); False = the whole context (official).
+    token_factors: () (official) or (P, E): factorised embedding and logits over the two
+      codes of a part-encoder tokenizer's token (`TokenDecoder.token_factors`).
     dtype: matmul input dtype (params float32, accumulation float32).
   """
   motion_dim: int = 56
@@ -99,6 +101,9 @@ class DIMConfig:
   num_identities: int = 0
   audio_projection: int = 0
   causal_context: bool = False
+  # Ours (() = official): (P, E) = factorised token embedding and logits over the pose and
+  # expression codes (t // E, t % E) of part-encoder tokenizers; `TokenDecoder`.
+  token_factors: tuple = ()
   dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -110,6 +115,12 @@ class DIMConfig:
       raise ValueError("model.decoder_positions must be True for parallel decoding and the "
                        "continuous head: their decoder inputs are all the same mask token, so "
                        "only positions tell the frames apart")
+    object.__setattr__(self, "token_factors", tuple(int(k) for k in self.token_factors))
+    if self.token_factors and (len(self.token_factors) != 2
+                               or self.token_factors[0] * self.token_factors[1] != self.num_tokens):
+      raise ValueError(f"model.token_factors={self.token_factors} with model.num_tokens="
+                       f"{self.num_tokens}: expected () or (pose codes, expression codes) whose "
+                       "product is num_tokens")
     if self.causal_context and parallel:
       raise ValueError("model.causal_context needs autoregressive token decoding: a "
                        "bidirectional decoder would pass later frames' context back through "
@@ -319,7 +330,7 @@ def joint_decoder_module(cfg: DIMConfig) -> transformer.TokenDecoder:
       heads=cfg.decoder_heads, max_seq_len=cfg.max_seq_len,
       use_abs_pos_emb=cfg.decoder_positions, dim_head=cfg.dim_head, dtype=cfg.dtype,
       num_input_tokens=cfg.num_input_tokens, causal=not cfg.parallel,
-      context_shift=cfg.context_shift)
+      context_shift=cfg.context_shift, token_factors=cfg.token_factors)
 
 
 def init_encoder_caches(cfg: DIMConfig, batch: int, length: int) -> dict:

@@ -45,6 +45,7 @@ sees context frames <= p + n (x-transformers' cross-attention has no causal mask
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -457,6 +458,11 @@ class TokenDecoder(nn.Module):
       masked decoding, where every position sees every other.
     context_shift: None = cross-attention sees the whole context (x-transformers, official);
       n = causal context (ours): decoder position p sees context frames <= p + n.
+    token_factors: () = one embedding row and one logit per token (x-transformers,
+      official). (P, E) (ours, P * E = num_tokens) = token t is the pair (t // E, t % E) (a
+      part-encoder tokenizer's pose and expression codes): its embedding is the sum of the two
+      codes' rows and its logit the sum of the two codes' logits, so each code is learned from
+      every frame that uses it, not only from that pair (P * E pairs, P + E rows).
   """
   num_tokens: int
   dim: int
@@ -469,6 +475,15 @@ class TokenDecoder(nn.Module):
   num_input_tokens: Optional[int] = None
   causal: bool = True
   context_shift: Optional[int] = None
+  token_factors: tuple = ()
+
+  @property
+  def _factors(self) -> tuple:
+    if self.token_factors and (len(self.token_factors) != 2
+                               or math.prod(self.token_factors) != self.num_tokens):
+      raise ValueError(f"token_factors={self.token_factors} with num_tokens={self.num_tokens}: "
+                       "expected () or two sizes whose product is num_tokens")
+    return tuple(self.token_factors)
 
   @property
   def _has_pos(self) -> bool:
@@ -480,6 +495,8 @@ class TokenDecoder(nn.Module):
     rows = self.num_input_tokens or self.num_tokens
     if rows < self.num_tokens:
       raise ValueError(f"num_input_tokens={rows} < num_tokens={self.num_tokens}")
+    if self._factors:  # rows: P first codes, E second codes, then the special ids.
+      rows = sum(self._factors) + rows - self.num_tokens
     self.token_emb = self.param("token_emb", nn.initializers.normal(np.sqrt(2.0 / self.dim)),
                                 (rows, self.dim), jnp.float32)
     if self._has_pos:
@@ -487,10 +504,27 @@ class TokenDecoder(nn.Module):
                                 (self.max_seq_len, self.dim), jnp.float32)
     self.attn_layers = AttentionLayers(self.dim, self.depth, self.heads, True, self.dim_head,
                                        self.dtype)
-    self.to_logits = Linear(self.num_tokens, dtype=self.dtype)
+    self.to_logits = Linear(sum(self._factors) if self._factors else self.num_tokens,
+                            dtype=self.dtype)
+
+  def _logits(self, x: Array) -> Array:
+    logits = self.to_logits(x)
+    if not self._factors:
+      return logits
+    first = self._factors[0]  # log p(a, b) = log p(a) + log p(b): two independent codes.
+    pair = logits[..., :first, None] + logits[..., None, first:]
+    return pair.reshape(*logits.shape[:-1], self.num_tokens)
 
   def _embed(self, tokens: Array, start: Any = 0) -> Array:
-    x = jnp.take(self.token_emb, tokens, axis=0)  # not scaled (TokenEmbedding has no sqrt(d))
+    if not self._factors:
+      x = jnp.take(self.token_emb, tokens, axis=0)  # not scaled (no sqrt(d) in TokenEmbedding)
+    else:
+      (first_size, second_size), code = self._factors, tokens < self.num_tokens
+      special = first_size + second_size + tokens - self.num_tokens  # start / mask: a row each
+      first = jnp.where(code, tokens // second_size, special)
+      second = jnp.take(self.token_emb, first_size + tokens % second_size, axis=0)
+      x = (jnp.take(self.token_emb, first, axis=0)
+           + jnp.where(code[..., None], second, 0.0))
     if self._has_pos:
       pos = jax.lax.dynamic_slice_in_dim(self.pos_emb, start, tokens.shape[1], axis=0)
       x = x + pos * (self.dim ** -0.5)
@@ -523,7 +557,7 @@ class TokenDecoder(nn.Module):
                             context_shift=self.context_shift)
     if return_embeddings:
       return x
-    return self.to_logits(x)
+    return self._logits(x)
 
   def init_cache(self, batch: int, length: int, dtype: Any = jnp.float32) -> list[dict]:
     """Zero K/V buffers for `decode_step`: one {'k','v': [B, H, length, dh]} per layer."""
@@ -565,7 +599,7 @@ class TokenDecoder(nn.Module):
                               cache=cache, cache_index=index,
                               self_key_mask=jnp.ones((tokens.shape[0], length), bool),
                               cross_kv=cross_kv, context_shift=self.context_shift)
-    return self.to_logits(x), cache
+    return self._logits(x), cache
 
   def to_torch_state_dict(self, params: dict) -> dict[str, np.ndarray]:
     """Flax params (the inner dict, without 'params') -> torch state_dict names/layouts."""

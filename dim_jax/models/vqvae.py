@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -65,6 +65,26 @@ class VQConfig:
   dtype: Any = jnp.float32  # compute dtype of matmuls; parameters stay float32.
   # Ours (1 = official): product quantization over this many latent slices (VectorQuantizer).
   code_groups: int = 1
+  # Ours (False = official): with code_groups=2, the head pose (dims 0:6) and the expression
+  # (6:56) get encoders of their own, each writing one latent slice, so the frame's token is
+  # (pose code, expression code): the head no longer competes with the expression for one code.
+  part_encoders: bool = False
+  # With part_encoders: codes of the pose group (the expression group gets codebook_size /
+  # pose_codes); 0 = sqrt(codebook_size) each.
+  pose_codes: int = 0
+
+  @property
+  def code_sizes(self) -> tuple:
+    """Codes per quantizer group: () = equal groups; (pose, expression) with pose_codes."""
+    if self.pose_codes:
+      return (self.pose_codes, self.codebook_size // self.pose_codes)
+    return ()
+
+  @property
+  def group_sizes(self) -> tuple:
+    """Codes per quantizer group, always spelled out (one entry per group)."""
+    equal = group_codebook_size(self.codebook_size, self.code_groups)
+    return self.code_sizes or (equal,) * self.code_groups
 
   def __post_init__(self):
     if self.positional_encoding not in POSITIONAL_ENCODINGS:
@@ -77,12 +97,21 @@ class VQConfig:
     if self.code_groups < 1 or self.code_dim % self.code_groups:
       raise ValueError(f"model.code_groups={self.code_groups} must be >= 1 and divide "
                        f"model.code_dim={self.code_dim}")
-    group_codebook_size(self.codebook_size, self.code_groups)
+    if self.pose_codes and (not self.part_encoders or self.codebook_size % self.pose_codes):
+      raise ValueError(f"model.pose_codes={self.pose_codes} needs model.part_encoders=True and "
+                       f"must divide model.codebook_size={self.codebook_size}")
+    if not self.pose_codes:
+      group_codebook_size(self.codebook_size, self.code_groups)
+    if self.part_encoders and (self.code_groups != 2 or self.in_dim != POSE_DIMS + 50):
+      raise ValueError(f"model.part_encoders=True needs model.code_groups=2 (one code for the "
+                       f"pose, one for the expression) and in_dim 56; got code_groups="
+                       f"{self.code_groups}, in_dim={self.in_dim}")
     if self.conv_norm not in CONV_NORMS:
       raise ValueError(f"model.conv_norm={self.conv_norm!r}; expected one of {CONV_NORMS}")
 
 
 CONV_NORMS = ("instance", "frame", "none")
+POSE_DIMS = 6  # EMOCA order: global rotation (3) and jaw (3), then 50 expression coefficients.
 
 
 def sinusoid_table(max_len: int, dim: int) -> np.ndarray:
@@ -250,8 +279,9 @@ class PositionalEncoding(nn.Module):
 
 
 class MotionEncoder(nn.Module):
-  """Official `TransformerEncoder`: motion [B, T, in_dim] -> latents [B, T, code_dim]."""
+  """Official `TransformerEncoder`: motion [B, T, in_dim] -> latents [B, T, out_dim]."""
   config: VQConfig
+  out_dim: Optional[int] = None  # None: code_dim
 
   @nn.compact
   def __call__(self, motion: Array, mask: Array, *, train: bool) -> Array:
@@ -264,7 +294,7 @@ class MotionEncoder(nn.Module):
     x = PositionalEncoding(cfg, name="pos")(x, train=train)
     x = Transformer(cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.mlp_dim, cfg.dtype,
                     name="transformer")(x, mask)
-    return dense(cfg.code_dim, cfg.dtype, "linear_embedding_post")(x)
+    return dense(self.out_dim or cfg.code_dim, cfg.dtype, "linear_embedding_post")(x)
 
 
 class MotionDecoder(nn.Module):
@@ -295,21 +325,34 @@ class VectorQuantizer(nn.Module):
   loss = beta * mean((sg[z_q] - z)^2) + mean((z_q - sg[z])^2), means over valid frames.
 
   With `groups` > 1 (ours; 1 = official) it is a product quantizer: the latent is split into
-  `groups` equal slices, each quantized with its own codebook of K = codebook_size ** (1 /
-  groups) codes, and the frame's token is the mixed-radix number of the slices' codes
-  (token = sum_g code_g * K ** (groups - 1 - g)). The vocabulary stays one integer per frame
-  (what DIM predicts), while a frame can hold K**groups combinations with only groups * K
-  code vectors to learn, so head pose and expression need not compete for one code.
+  `groups` equal slices, each quantized with its own codebook of K_g codes (K_g =
+  codebook_size ** (1 / groups) each, or `sizes`), and the frame's token is the mixed-radix
+  number of the slices' codes (token = sum_g code_g * prod(K_h for h > g)). The vocabulary
+  stays one integer per frame (what DIM predicts), while a frame can hold prod(K_g)
+  combinations with only sum(K_g) code vectors to learn, so head pose and expression need not
+  compete for one code. Unequal sizes share one [groups, max K_g, d] table; the rows past a
+  group's K_g are never chosen.
   """
   codebook_size: int
   code_dim: int
   beta: float
   normalize: bool = False
   groups: int = 1
+  sizes: tuple = ()  # per-group code counts; () = equal
+
+  @property
+  def group_sizes(self) -> tuple:
+    if self.sizes:
+      if len(self.sizes) != self.groups or math.prod(self.sizes) != self.codebook_size:
+        raise ValueError(f"code group sizes {self.sizes} do not multiply to "
+                         f"{self.codebook_size} over {self.groups} groups")
+      return tuple(int(k) for k in self.sizes)
+    return (group_codebook_size(self.codebook_size, self.groups),) * self.groups
 
   @property
   def group_size(self) -> int:
-    return group_codebook_size(self.codebook_size, self.groups)
+    """Rows per group of the table (the largest group's code count)."""
+    return max(self.group_sizes)
 
   def _codes(self, codebook: Array) -> Array:
     """[groups, K, code_dim / groups] code vectors (unit length per group when normalize)."""
@@ -322,6 +365,10 @@ class VectorQuantizer(nn.Module):
              (self.groups, self.group_size, self.code_dim // self.groups))
     return self.param("codebook", _uniform_init(self.group_size), shape)
 
+  def _radix(self) -> np.ndarray:
+    sizes = self.group_sizes
+    return np.array([math.prod(sizes[g + 1:]) for g in range(self.groups)], np.int32)
+
   @nn.compact
   def __call__(self, latents: Array, mask: Array) -> dict[str, Array]:
     codes = self._codes(self._codebook())                       # [G, K, d]
@@ -332,11 +379,13 @@ class VectorQuantizer(nn.Module):
     distances = (jnp.sum(grouped**2, axis=-1, keepdims=True)
                  + jnp.sum(codes**2, axis=-1)[None, None]
                  - 2.0 * jnp.einsum("btgd,gkd->btgk", grouped, codes))
+    if len(set(self.group_sizes)) > 1:  # rows past a group's own size are not codes
+      unused = np.arange(self.group_size)[None] >= np.array(self.group_sizes)[:, None]
+      distances = jnp.where(unused, jnp.inf, distances)
     group_tokens = jnp.argmin(distances, axis=-1).astype(jnp.int32)   # [B, T, G]
     quantized = jnp.take_along_axis(codes[None, None], group_tokens[..., None, None],
                                     axis=3)[..., 0, :]                 # [B, T, G, d]
-    radix = self.group_size ** jnp.arange(self.groups - 1, -1, -1, dtype=jnp.int32)
-    tokens = (group_tokens * radix).sum(axis=-1)
+    tokens = (group_tokens * self._radix()).sum(axis=-1)
     valid = mask[..., None, None].astype(jnp.float32)
     denom = jnp.maximum(mask.astype(jnp.float32).sum() * self.code_dim, 1.0)
     commit = jnp.sum(jnp.square(jax.lax.stop_gradient(quantized) - grouped) * valid) / denom
@@ -356,8 +405,7 @@ class VectorQuantizer(nn.Module):
     """The code vectors the decoder sees per token: [codebook_size, code_dim]."""
     codes = self._codes(self.get_variable("params", "codebook"))       # [G, K, d]
     tokens = jnp.arange(self.codebook_size)
-    digits = [(tokens // self.group_size ** (self.groups - 1 - g)) % self.group_size
-              for g in range(self.groups)]
+    digits = [(tokens // radix) % size for radix, size in zip(self._radix(), self.group_sizes)]
     return jnp.concatenate([codes[g][digits[g]] for g in range(self.groups)], axis=-1)
 
   def lookup(self, tokens: Array) -> Array:
@@ -396,13 +444,24 @@ class VQVAE(nn.Module):
 
   def setup(self):
     cfg = self.config
-    self.encoder = MotionEncoder(cfg)
+    if cfg.part_encoders:
+      half = cfg.code_dim // 2
+      self.pose_encoder = MotionEncoder(cfg, half)
+      self.expression_encoder = MotionEncoder(cfg, half)
+    else:
+      self.encoder = MotionEncoder(cfg)
     self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.code_dim, cfg.beta,
-                                     cfg.codebook_normalize, cfg.code_groups)
+                                     cfg.codebook_normalize, cfg.code_groups, cfg.code_sizes)
     self.decoder = MotionDecoder(cfg, cfg.in_dim)
 
   def encode(self, motion: Array, mask: Array, train: bool = False) -> dict[str, Array]:
-    latents = self.encoder(motion.astype(self.config.dtype), mask, train=train)
+    motion = motion.astype(self.config.dtype)
+    if self.config.part_encoders:  # quantizer group 0 = pose code, group 1 = expression code
+      latents = jnp.concatenate(
+          [self.pose_encoder(motion[..., :POSE_DIMS], mask, train=train),
+           self.expression_encoder(motion[..., POSE_DIMS:], mask, train=train)], axis=-1)
+    else:
+      latents = self.encoder(motion, mask, train=train)
     return self.quantizer(latents, mask)
 
   def decode(self, quantized: Array, mask: Array, train: bool = False) -> Array:

@@ -270,6 +270,14 @@ class DIMTask:
       if vq.config.codebook_size != model_cfg.num_tokens:
         raise errors.ConfigError(f"model.num_tokens={model_cfg.num_tokens} but the {role} VQ-VAE has "
                          f"{vq.config.codebook_size} codes")
+      # The factorised head reads token t as (t // E, t % E): only right for a tokenizer whose
+      # tokens are (pose code, expression code) with those sizes.
+      sizes = vq.config.group_sizes if vq.config.part_encoders else None
+      if model_cfg.token_factors and sizes != model_cfg.token_factors:
+        raise errors.ConfigError(
+            f"model.token_factors={model_cfg.token_factors} but the {role} VQ-VAE's tokens are "
+            + (f"(pose, expression) codes of sizes {sizes}" if sizes else
+               "not (pose code, expression code) pairs (model.part_encoders=False)"))
     options = LossOptions(**dict(config.loss))
     return cls(name=phase, model=dim_lib.DIM(model_cfg), speaker_vq=speaker_vq,
                listener_vq=listener_vq, options=options, init_sources=sources,
