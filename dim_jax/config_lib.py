@@ -498,4 +498,7 @@ def evaluate_config() -> ml_collections.ConfigDict:
   # A second model row generated without any ground truth (generate.start='none'); the
   # headline row sees the listener's first ground-truth frame, as the official protocol.
   ev.no_ground_truth_row = True
+  # On the embedded synthetic data: a diagnostic row of listeners redrawn by the generator
+  # itself (its true conditional law), what a perfect model would score.
+  ev.synthetic_oracle = True
   return config

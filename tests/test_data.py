@@ -134,6 +134,30 @@ def test_synthetic_is_deterministic_per_seed():
   assert single["listener_motion"].tobytes() == first[0]["listener_motion"].tobytes()
 
 
+def test_listener_redraws_keep_the_speaker_and_the_reactions_and_redraw_the_rest():
+  arguments = dict(seed=7, min_len=20, max_len=40, fps=30.0)
+  clips = synthetic.generate_clips(3, seed=7, min_len=20, max_len=40, id_prefix="test")
+  redraws = synthetic.listener_redraws(clips, arguments, draws=2)
+  assert redraws.shape == (2, 3, max(len(c["listener_motion"]) for c in clips), 56)
+  column = synthetic.expression_column
+  for n, clip in enumerate(clips):
+    stored, length = clip["listener_motion"], len(clip["listener_motion"])
+    assert not redraws[:, n, length:].any()
+    for draw in redraws[:, n, :length]:
+      # Mirroring and smile follow the (same) speaker: only the listener noise differs
+      # (std 0.05 per draw, so about 0.07 between two draws).
+      reactions = slice(column(0), column(synthetic.SMILE_DIM) + 1)
+      assert np.std(draw[:, reactions] - stored[:, reactions]) < 0.1
+      # The listener's own expression sinusoids are drawn afresh.
+      own = slice(column(4), column(6))
+      assert np.std(draw[:, own] - stored[:, own]) > 0.1
+    assert not np.array_equal(redraws[0, n], redraws[1, n])
+  with pytest.raises(ValueError, match="stored speaker"):
+    synthetic.listener_redraws(clips, dict(arguments, seed=8), draws=1)
+  with pytest.raises(ValueError, match="<split>-<index>"):
+    synthetic.listener_redraws([dict(clips[0], clip_id="clip")], arguments, draws=1)
+
+
 def test_synthetic_shapes_and_ranges():
   clips = synthetic.generate_clips(12, seed=0, min_len=48, max_len=160)
   lengths = [clip["speaker_motion"].shape[0] for clip in clips]

@@ -82,7 +82,15 @@ def _row(results, name):
 def test_rows_are_the_method_its_oracle_and_the_four_baselines(evaluated):
   rows = {m["name"]: m for m in evaluated["results"]["methods"]}
   assert list(rows) == ["Ground truth", "Noisy truth", "Noisy truth best-of-3 (oracle, diagnostic)",
+                        "Synthetic data's own law (diagnostic)",
                         "Random", "Mirror", "NN-motion", "NN-audio"]
+  # Other listeners to the same speakers, drawn by the generator: the data's own law. It has
+  # the listener's variance and beats frames drawn at random on expression FD.
+  law = rows["Synthetic data's own law (diagnostic)"]
+  assert law["kind"] == "diagnostic" and law["runs"] == 2
+  law_metrics, random_metrics = law["metrics"]["dim_compat"], rows["Random"]["metrics"]["dim_compat"]
+  assert law_metrics["fd_expression"]["mean"] < random_metrics["fd_expression"]["mean"]
+  assert law_metrics["mse_pose"]["mean"] > 0
   assert rows["Noisy truth"]["kind"] == "model" and rows["Noisy truth"]["runs"] == 2
   assert rows["Random"]["runs"] == 2  # the Random baseline runs over the same seeds
   assert rows["Mirror"]["runs"] == 1

@@ -175,7 +175,8 @@ def audio_projection() -> np.ndarray:
 def generate_clip(rng: np.random.Generator, length: int, fps: float = 30.0,
                   clip_id: str = "clip", speaker_id: str = "speaker",
                   listener_id: str = "listener", session_id: str = "session",
-                  return_latents: bool = False) -> dict[str, Any]:
+                  return_latents: bool = False,
+                  listener_rng: Optional[np.random.Generator] = None) -> dict[str, Any]:
   """Simulates one dyadic clip (see the module docstring for the model).
 
   Args:
@@ -185,6 +186,9 @@ def generate_clip(rng: np.random.Generator, length: int, fps: float = 30.0,
     clip_id, speaker_id, listener_id, session_id: ids stored with the clip.
     return_latents: also return the hidden signals under ``latents`` (for tests/analysis;
       the record writer ignores that key).
+    listener_rng: source of the listener's own randomness (None: ``rng``, which draws it
+      after all of the speaker's); another one gives another listener to the same speaker,
+      a draw from the listener's true conditional law (`listener_redraws`).
 
   Returns:
     A clip dict: ``speaker_motion`` [T, 56] float32, ``listener_motion`` [T, 56] float32,
@@ -223,6 +227,7 @@ def generate_clip(rng: np.random.Generator, length: int, fps: float = 30.0,
                    + AUDIO_NOISE * rng.standard_normal((frames, AUDIO_DIM)))
 
   # --- Listener -------------------------------------------------------------------------
+  rng = rng if listener_rng is None else listener_rng  # every draw below is the listener's
   listener_exp = LISTENER_NOISE * rng.standard_normal((frames, EXPRESSION_DIM))
   lag = mirror_lag_frames(fps)
   delayed = np.zeros((frames, MIRROR_DIMS))
@@ -310,6 +315,43 @@ def generate_clips(num_clips: int, seed: int, min_len: int = 48, max_len: int = 
         session_id=f"{id_prefix}-s{session:04d}",
         return_latents=return_latents))
   return clips
+
+
+def listener_redraws(clips: list[dict[str, Any]], arguments: dict[str, Any],
+                     draws: int) -> np.ndarray:
+  """Other listeners to the same speakers: the data's own conditional law, as a reference.
+
+  Each clip (as read back from a dataset that `write_synthetic_dataset` wrote with
+  ``arguments``, its ``dataset_info.json`` marker) is regenerated with the same speaker,
+  audio and reactions' timing, and the listener's idiosyncratic randomness (head drift,
+  own expression sinusoids, noise) drawn afresh ``draws`` times. A perfect generative model
+  scores like these draws: what no model can beat on a metric shows here.
+
+  Returns:
+    [draws, N, T_max, 56] float32 listener motion, zero past each clip's length.
+
+  Raises:
+    ValueError: a clip id is not ``<split>-<index>`` or its regenerated speaker differs from
+      the stored one (the records were not written with ``arguments``).
+  """
+  lengths = [len(clip["listener_motion"]) for clip in clips]
+  out = np.zeros((draws, len(clips), max(lengths), MOTION_DIM), np.float32)
+  for n, clip in enumerate(clips):
+    prefix, _, index = str(clip["clip_id"]).rpartition("-")
+    if not prefix or not index.isdigit():
+      raise ValueError(f"clip id {clip['clip_id']!r} is not <split>-<index> of a synthetic split")
+    key = [int(arguments["seed"]), zlib.crc32(prefix.encode("utf-8")), int(index)]
+    for draw in range(draws):
+      rng = np.random.default_rng(key)  # the clip's own stream: length, then the speaker
+      length = int(rng.integers(int(arguments["min_len"]), int(arguments["max_len"]) + 1))
+      redrawn = generate_clip(rng, length, fps=float(arguments["fps"]),
+                              listener_rng=np.random.default_rng(key + [1 + draw]))
+      if length != lengths[n] or not np.array_equal(redrawn["speaker_motion"],
+                                                    clip["speaker_motion"]):
+        raise ValueError(f"clip {clip['clip_id']}: regenerating it with {arguments} does not "
+                         "give its stored speaker; the records were written otherwise")
+      out[draw, n, :length] = redrawn["listener_motion"]
+  return out
 
 
 # Key of dataset_info.json that marks a complete dataset written by `write_synthetic_dataset`

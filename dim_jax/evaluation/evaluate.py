@@ -214,6 +214,20 @@ def _method(name: str, kind: str, note: str, runs: list[np.ndarray], score) -> d
                        for protocol in per_protocol[0]})
 
 
+def _synthetic_oracle(config, data_dir: str, clips: list[dict], role: str,
+                      draws: int) -> np.ndarray | None:
+  """[draws, N, T, 56] listeners redrawn by the synthetic generator, when the split is the
+  embedded synthetic data (`evaluate.synthetic_oracle`, on by default), else None."""
+  from dim_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  if (role != "listener" or not bool(config.evaluate.get("synthetic_oracle", True))
+      or config.data.get("source", "records") != "records"):
+    return None
+  marker = records.read_info(data_dir).get(synthetic.INFO_MARKER)
+  if not marker:
+    return None
+  return synthetic.listener_redraws(clips, marker["arguments"], draws)
+
+
 def best_of_samples(samples: np.ndarray, truth: np.ndarray, lengths: np.ndarray, *,
                     alignment: str = "same_frame",
                     clip_ids: list[str] | None = None) -> np.ndarray:
@@ -347,6 +361,15 @@ def run_evaluate(config, workdir: str) -> dict:
         "answer; not comparable with the other rows",
         [best_of_samples(samples[:n], truth, lengths, alignment=alignment,
                          clip_ids=clip_ids)], score))
+
+  oracle = _synthetic_oracle(config, data_dir, clips, role, num_seeds)
+  if oracle is not None:
+    methods.append(_method(
+        "Synthetic data's own law (diagnostic)", "diagnostic",
+        f"{num_seeds} other listeners to the same speakers, drawn by the synthetic generator "
+        "itself (same pauses, nods and mirroring; fresh head drift, own expression and "
+        "noise): a perfect generative model scores like this; not a method",
+        [oracle[k] for k in range(num_seeds)], score))
 
   train_clips = pipeline.read_split_clips(config, data_dir, ec.train_split)
   if role == "speaker":  # Baselines predict the target role: swap the roles' motion.
