@@ -335,6 +335,7 @@ def test_factorised_head_scores_the_pose_and_expression_codes_of_part_tokenizers
   are refused."""
   import dataclasses  # pylint: disable=g-import-not-at-top
   part_vq = dataclasses.replace(TINY_VQ, code_groups=2, part_encoders=True, pose_codes=2)
+  assert part_vq.group_sizes == (2, 8)  # 16 is a square: unequal sizes must still win
   config = config_lib.dim_config("finetune_listener")
   config.model.token_factors = (2, 8)
   task = task_from_config(config, part_vq)

@@ -82,11 +82,11 @@ def _row(results, name):
 def test_rows_are_the_method_its_oracle_and_the_four_baselines(evaluated):
   rows = {m["name"]: m for m in evaluated["results"]["methods"]}
   assert list(rows) == ["Ground truth", "Noisy truth", "Noisy truth best-of-3 (oracle, diagnostic)",
-                        "Synthetic data's own law (diagnostic)",
+                        "Synthetic data's own law (oracle, diagnostic)",
                         "Random", "Mirror", "NN-motion", "NN-audio"]
   # Other listeners to the same speakers, drawn by the generator: the data's own law. It has
   # the listener's variance and beats frames drawn at random on expression FD.
-  law = rows["Synthetic data's own law (diagnostic)"]
+  law = rows["Synthetic data's own law (oracle, diagnostic)"]
   assert law["kind"] == "diagnostic" and law["runs"] == 2
   law_metrics, random_metrics = law["metrics"]["dim_compat"], rows["Random"]["metrics"]["dim_compat"]
   assert law_metrics["fd_expression"]["mean"] < random_metrics["fd_expression"]["mean"]

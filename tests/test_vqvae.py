@@ -269,6 +269,8 @@ def test_part_encoders_give_a_pose_code_and_an_expression_code(pose_codes):
       dataclasses.replace(config, **bad)
   with pytest.raises(ValueError, match="pose_codes"):
     dataclasses.replace(config, pose_codes=3)  # does not divide 256
+  # Sizes need not make a square vocabulary: 8 pose x 16 expression codes.
+  assert dataclasses.replace(config, codebook_size=128, pose_codes=8).group_sizes == (8, 16)
 
 
 def test_part_balanced_loss_is_each_parts_relative_raw_error():

@@ -365,7 +365,7 @@ def run_evaluate(config, workdir: str) -> dict:
   oracle = _synthetic_oracle(config, data_dir, clips, role, num_seeds)
   if oracle is not None:
     methods.append(_method(
-        "Synthetic data's own law (diagnostic)", "diagnostic",
+        "Synthetic data's own law (oracle, diagnostic)", "diagnostic",
         f"{num_seeds} other listeners to the same speakers, drawn by the synthetic generator "
         "itself (same pauses, nods and mirroring; fresh head drift, own expression and "
         "noise): a perfect generative model scores like this; not a method",

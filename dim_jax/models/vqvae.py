@@ -83,8 +83,9 @@ class VQConfig:
   @property
   def group_sizes(self) -> tuple:
     """Codes per quantizer group, always spelled out (one entry per group)."""
-    equal = group_codebook_size(self.codebook_size, self.code_groups)
-    return self.code_sizes or (equal,) * self.code_groups
+    if self.code_sizes:
+      return self.code_sizes
+    return (group_codebook_size(self.codebook_size, self.code_groups),) * self.code_groups
 
   def __post_init__(self):
     if self.positional_encoding not in POSITIONAL_ENCODINGS:
