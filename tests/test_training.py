@@ -73,16 +73,36 @@ def test_vq_training_lowers_validation_error(data_dir, tmp_path):
   assert saved["best_val"]["rec_l1"] == pytest.approx(report["best_val"]["rec_l1"])
 
 
+# One uninterrupted 14-step run, the reference of the 8-device and the killed-run tests (one
+# worker runs both: the xdist group). The default shuffle buffer (1024 > the 48 windows of an
+# epoch: 6 batches) and 14 steps, so steps 5..14 cross two epoch boundaries. Warmup 20 steps:
+# the cosine schedule decays over max(num_steps, warmup + 1) = 21 steps, so steps 1..4 have
+# the same learning rates in a 4-step run.
+REFERENCE = ["--config.train.num_steps=14", "--config.train.log_every_steps=1",
+             "--config.train.eval_every_steps=14", "--config.train.checkpoint_every_steps=4",
+             "--config.train.warmup_steps=20", "--config.model.dropout_rate=0.1"]
+SHARES_REFERENCE = pytest.mark.xdist_group("test_training.py::reference_run")
+
+
+@pytest.fixture(scope="module")
+def reference_run(data_dir, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("reference")
+  full = run_main(workdir, data_dir, *REFERENCE)
+  assert full.returncode == 0, full.stderr[-3000:]
+  return workdir
+
+
+@SHARES_REFERENCE
 @pytest.mark.multidevice
-def test_eight_device_data_fsdp_mesh_matches_one_device(data_dir, tmp_path):
-  common = ["--config.train.num_steps=4", "--config.train.log_every_steps=1",
-            "--config.train.eval_every_steps=4", "--config.train.checkpoint_every_steps=4"]
-  one = run_main(tmp_path / "one", data_dir, *common, devices=1)
-  assert one.returncode == 0, one.stderr[-3000:]
-  eight = run_main(tmp_path / "eight", data_dir, *common, "--config.mesh.data=4",
+def test_eight_device_data_fsdp_mesh_matches_one_device(data_dir, reference_run, tmp_path):
+  # The reference's first 4 steps (same batches, learning rates and dropout draws) against 4
+  # steps on a data 4 x fsdp 2 mesh of 8 devices.
+  eight = run_main(tmp_path / "eight", data_dir, *REFERENCE, "--config.train.num_steps=4",
+                   "--config.train.eval_every_steps=4", "--config.mesh.data=4",
                    "--config.mesh.fsdp=2", devices=8)
   assert eight.returncode == 0, eight.stderr[-3000:]
-  a, b = losses(tmp_path / "one"), losses(tmp_path / "eight")
+  a = {step: loss for step, loss in losses(reference_run).items() if step <= 4}
+  b = losses(tmp_path / "eight")
   assert sorted(a) == [1, 2, 3, 4] and sorted(b) == sorted(a)
   for step in a:
     assert abs(a[step] - b[step]) <= 1e-5 * max(1.0, abs(a[step])), (step, a[step], b[step])
@@ -90,19 +110,14 @@ def test_eight_device_data_fsdp_mesh_matches_one_device(data_dir, tmp_path):
   assert len({round(v, 6) for v in a.values()}) == 4
 
 
-def test_killed_run_resumes_exactly(data_dir, tmp_path):
-  # The default shuffle buffer (1024 > the 48 windows of an epoch: 6 batches) and 14 steps,
-  # so the resumed steps 5..14 cross two epoch boundaries: a restored tf.data iterator whose
-  # next epochs were ordered by lost seed-generator state diverged there (from step 7 on).
-  common = ["--config.train.num_steps=14", "--config.train.log_every_steps=1",
-            "--config.train.eval_every_steps=14", "--config.train.checkpoint_every_steps=4",
-            "--config.model.dropout_rate=0.1"]
-  full = run_main(tmp_path / "full", data_dir, *common)
-  assert full.returncode == 0, full.stderr[-3000:]
-  a = losses(tmp_path / "full")
+@SHARES_REFERENCE
+def test_killed_run_resumes_exactly(data_dir, reference_run, tmp_path):
+  # The resumed steps 5..14 cross two epoch boundaries: a restored tf.data iterator whose next
+  # epochs were ordered by lost seed-generator state diverged there (from step 7 on).
+  a = losses(reference_run)
   for data_state in ("iterator", "replay"):
     workdir = tmp_path / data_state
-    flags = [*common, f"--config.train.data_state={data_state}"]
+    flags = [*REFERENCE, f"--config.train.data_state={data_state}"]
     killed = run_main(workdir, data_dir, *flags, "--signal_step=4", "--signal=KILL",
                       entry=(SIGNAL_HELPER,))
     assert killed.returncode != 0  # SIGKILL'd right after the step-4 checkpoint.
@@ -114,7 +129,7 @@ def test_killed_run_resumes_exactly(data_dir, tmp_path):
     b = losses(workdir)
     assert {step: b[step] for step in range(5, 15)} == {step: a[step] for step in range(5, 15)}, (
         data_state, a, b)
-    assert losses(workdir, "val/loss")[14] == losses(tmp_path / "full", "val/loss")[14]
+    assert losses(workdir, "val/loss")[14] == losses(reference_run, "val/loss")[14]
   # The resumed steps really depend on the data position: the losses all differ.
   assert len({a[step] for step in range(5, 15)}) == 10
 

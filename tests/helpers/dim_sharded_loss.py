@@ -6,6 +6,8 @@ losses (what per-replica negatives, the official DataParallel behaviour, would g
 """
 
 import json
+import os
+import sys
 
 import jax
 import numpy as np
@@ -14,6 +16,9 @@ from dim_jax import config_lib, sharding
 from dim_jax.models import dim as dim_lib
 from dim_jax.models import vqvae
 from dim_jax.training import dim_tasks
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from helpers import params as params_helper  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def main():
@@ -33,7 +38,10 @@ def main():
   batch = dict(speaker_motion=rng.normal(size=(b, t, 56)).astype(np.float32),
                listener_motion=rng.normal(size=(b, t, 56)).astype(np.float32),
                speaker_audio=rng.normal(size=(b, t, 8)).astype(np.float32), mask=mask)
-  params = jax.jit(task.init_params)(jax.random.PRNGKey(0), batch)
+  # Random values on the init shapes (no init program to compile: the claim is about the
+  # loss of any parameters); nonzero biases and embeddings, so every term sees them.
+  params = params_helper.random_params(jax.eval_shape(task.init_params, jax.random.PRNGKey(0),
+                                                      batch), 0, bias_scale=0.1)
   key = jax.random.PRNGKey(3)
   single = jax.jit(task.loss_fn)(params, batch, key)[1]
   config.mesh.data = 4
@@ -43,9 +51,9 @@ def main():
   sharded = jax.jit(task.loss_fn, in_shardings=(repl, sharding.batch_sharding(mesh), repl))(
       params, sharded_batch, key)[1]
   # Per-replica negatives: the same features, InfoNCE within each device's 2 examples.
-  enc = task.model.apply({"params": params["dim"]}, batch["speaker_motion"],
-                         batch["listener_motion"], mask, np.zeros_like(mask), np.zeros_like(mask),
-                         method=dim_lib.DIM.encode_dyad)
+  enc = jax.jit(lambda p: task.model.apply(
+      {"params": p}, batch["speaker_motion"], batch["listener_motion"], mask,
+      np.zeros_like(mask), np.zeros_like(mask), method=dim_lib.DIM.encode_dyad))(params["dim"])
   per_device = [float(dim_tasks.info_nce(enc["speaker_alone"][i:i + 2], enc["listener_alone"][i:i + 2],
                                          mask[i:i + 2], mask[i:i + 2].any(1), 0.05, False)[0])
                 for i in range(0, b, 2)]

@@ -155,6 +155,8 @@ def process_main(args):
   phases.run(gen, args.generate_dir)
   results = phases.run(ev, args.evaluate_dir)
   if jax.process_index() == 1:  # process 0 writes report.json; process 1 says what it holds
+    # Process 0 makes the workdir (it writes the report); process 1 may get here first.
+    os.makedirs(args.evaluate_dir, exist_ok=True)
     with open(os.path.join(args.evaluate_dir, "process_1.json"), "w", encoding="utf-8") as f:
       json.dump(dict(methods=results["methods"], clips=results["clips"]), f)
 
