@@ -24,7 +24,12 @@ SIGNAL_HELPER = os.path.join(ROOT, "tests", "helpers", "signal_at_step.py")
 
 
 def _launch(workdir, data_dir, num_steps, signal_steps=None):
-  """Two processes; `signal_steps[i]`: process i gets SIGTERM after that step."""
+  """Two processes; `signal_steps[i]`: process i gets SIGTERM after that step.
+
+  Training batch 2 (one row per host) as in tests/test_slurm.py's two SLURM tasks: the files
+  share a worker (tests/conftest.py), so the training programs of their common shape (the
+  128-frame bucket) compile once and the later run loads them from the persistent cache.
+  Validation batch 8 (4 rows per host): the 7 validation clips leave partial batches."""
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1 " + os.environ.get("XLA_FLAGS", ""), CI="1")
   procs = []
@@ -34,7 +39,7 @@ def _launch(workdir, data_dir, num_steps, signal_steps=None):
     cmd = [sys.executable, *entry, f"--coordinator=127.0.0.1:{port}",
            "--num_processes=2", f"--process_id={pid}", "--config", "configs/vq_tiny.py",
            f"--workdir={workdir}", f"--config.data.dir={data_dir}",
-           "--config.train.batch_size=8", "--config.train.eval_batch_size=8",
+           "--config.train.batch_size=2", "--config.train.eval_batch_size=8",
            f"--config.train.num_steps={num_steps}", "--config.train.log_every_steps=1",
            "--config.train.eval_every_steps=2", "--config.train.checkpoint_every_steps=2",
            "--config.train.data_state=iterator", "--config.data.shuffle_buffer=16"]

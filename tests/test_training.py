@@ -74,14 +74,13 @@ def test_vq_training_lowers_validation_error(data_dir, tmp_path):
 
 
 # One uninterrupted 14-step run, the reference of the 8-device and the killed-run tests (one
-# worker runs both: the xdist group). The default shuffle buffer (1024 > the 48 windows of an
+# worker runs this file: tests/conftest.py). The default shuffle buffer (1024 > the 48 windows of an
 # epoch: 6 batches) and 14 steps, so steps 5..14 cross two epoch boundaries. Warmup 20 steps:
 # the cosine schedule decays over max(num_steps, warmup + 1) = 21 steps, so steps 1..4 have
 # the same learning rates in a 4-step run.
 REFERENCE = ["--config.train.num_steps=14", "--config.train.log_every_steps=1",
              "--config.train.eval_every_steps=14", "--config.train.checkpoint_every_steps=4",
              "--config.train.warmup_steps=20", "--config.model.dropout_rate=0.1"]
-SHARES_REFERENCE = pytest.mark.xdist_group("test_training.py::reference_run")
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +91,6 @@ def reference_run(data_dir, tmp_path_factory):
   return workdir
 
 
-@SHARES_REFERENCE
 @pytest.mark.multidevice
 def test_eight_device_data_fsdp_mesh_matches_one_device(data_dir, reference_run, tmp_path):
   # The reference's first 4 steps (same batches, learning rates and dropout draws) against 4
@@ -110,7 +108,6 @@ def test_eight_device_data_fsdp_mesh_matches_one_device(data_dir, reference_run,
   assert len({round(v, 6) for v in a.values()}) == 4
 
 
-@SHARES_REFERENCE
 def test_killed_run_resumes_exactly(data_dir, reference_run, tmp_path):
   # The resumed steps 5..14 cross two epoch boundaries: a restored tf.data iterator whose next
   # epochs were ordered by lost seed-generator state diverged there (from step 7 on).
