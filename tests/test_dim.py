@@ -349,16 +349,39 @@ def test_factorised_head_scores_the_pose_and_expression_codes_of_part_tokenizers
   mask = prefix_mask(LENGTHS, FRAMES)
   tokens = rng.integers(0, 16, size=mask.shape).astype(np.int32)
   context = rng.normal(size=(len(LENGTHS), FRAMES, TINY_DIM["dim"] + AUDIO)).astype(np.float32)
-  logits, _, ce = _predict_ce(task, params, "listener", tokens, mask, context, mask)
-  pairs = logits.astype(np.float64).reshape(*logits.shape[:2], 2, 8)
+  out = task._predict_role(params, "listener", jnp.asarray(tokens), jnp.asarray(mask),
+                           jnp.asarray(context), jnp.asarray(mask), jax.random.PRNGKey(9), False)
+  ce = [float(v) for v in out[3]]
+  assert out[0].shape == (*tokens[:, 1:].shape, 2 + 8)  # the loss reads the two codes' logits
+  # The reference: the decoder's pair logits (what generation samples from), teacher forced
+  # as in fine-tuning (start = ground truth: inputs are frames 0..T-2).
+  logits = np.asarray(task.model.apply({"params": params["dim"]}, jnp.asarray(tokens[:, :-1]),
+                                       jnp.asarray(context), jnp.asarray(mask), None,
+                                       method=dim_lib.DIM.decode), np.float64)
+  pairs = logits.reshape(*logits.shape[:2], 2, 8)
   log_softmax = lambda x: x - np.log(np.exp(x).sum(-1, keepdims=True))
-  pose_logp, expression_logp = log_softmax(pairs[..., :, 0]), log_softmax(pairs[..., 0, :])
   targets = tokens[:, 1:]  # position p predicts frame p + 1
-  assert logits.shape == (*targets.shape, 16)
+  valid = mask[:, 1:]
+  flat_nll = -np.take_along_axis(log_softmax(logits), targets[..., None], -1)[..., 0]
+  np.testing.assert_allclose(ce[0], flat_nll[valid].sum(), rtol=1e-5)
+  assert ce[2] == (np.argmax(logits, -1) == targets)[valid].sum()
+  # ... which is the pose code's CE plus the expression code's, each under its own softmax.
+  pose_logp, expression_logp = log_softmax(pairs[..., :, 0]), log_softmax(pairs[..., 0, :])
   nll = -(np.take_along_axis(pose_logp, (targets // 8)[..., None], -1)[..., 0]
           + np.take_along_axis(expression_logp, (targets % 8)[..., None], -1)[..., 0])
-  np.testing.assert_allclose(ce[0], nll[mask[:, 1:]].sum(), rtol=1e-5)
+  # (float32 pair sums: equal to float32 rounding)
+  np.testing.assert_allclose(nll[valid].sum(), flat_nll[valid].sum(), rtol=1e-6)
   assert np.std(pose_logp) > 0.01 and np.std(expression_logp) > 0.01  # not a uniform head
+  # The continuous loss's decode ('soft' expectation / 'argmax' token) from the code logits
+  # equals the decode from the pair logits over the tokenizer's whole code table.
+  codebook = np.asarray(task.listener_vq.apply({"params": params["listener_vq"]},
+                                               method=vqvae.VQVAE.code_vectors), np.float64)
+  probs = np.exp(log_softmax(logits))
+  for soft, want in ((True, probs @ codebook), (False, codebook[np.argmax(logits, -1)])):
+    got = dim_tasks._factored_decode(out[0], jnp.asarray(codebook, jnp.float32), (2, 8), soft=soft)
+    # Valid positions (the loss's padded inputs differ from the raw tokens used here).
+    np.testing.assert_allclose(np.asarray(got)[valid], want[valid], rtol=1e-5, atol=1e-6)
+  assert np.std(codebook[:, :codebook.shape[1] // 2]) > 1e-3  # both halves carry codes
 
 
 # --- 4. continuous loss ---------------------------------------------------------------------

@@ -296,10 +296,12 @@ class DIM(nn.Module):
                             (batch, frames, self.config.dim))
 
   def decode(self, tokens: Array, context: Array, context_mask: Array,
-             self_key_mask: Optional[Array] = None, mask: Optional[Array] = None) -> Array:
-    """Joint decoder logits [B, N, num_tokens] for decoder input ids `tokens` [B, N]."""
+             self_key_mask: Optional[Array] = None, mask: Optional[Array] = None,
+             factor_logits: bool = False) -> Array:
+    """Joint decoder logits [B, N, num_tokens] for decoder input ids `tokens` [B, N]
+    ([B, N, P + E] per-code logits with `factor_logits` and token_factors (P, E))."""
     return self.joint_decoder(tokens, context, context_mask, mask=mask,
-                              self_key_mask=self_key_mask)
+                              self_key_mask=self_key_mask, factor_logits=factor_logits)
 
   def regress(self, context: Array, context_mask: Array, mask: Array) -> Array:
     """No-VQ ablation: motion [B, T, motion_dim] regressed from mask-token decoder features."""

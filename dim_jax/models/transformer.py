@@ -532,7 +532,7 @@ class TokenDecoder(nn.Module):
 
   def __call__(self, tokens: Array, context: Array, context_mask: Optional[Array] = None,
                mask: Optional[Array] = None, self_key_mask: Optional[Array] = None,
-               return_embeddings: bool = False) -> Array:
+               return_embeddings: bool = False, factor_logits: bool = False) -> Array:
     """Teacher-forced logits.
 
     Args:
@@ -545,9 +545,12 @@ class TokenDecoder(nn.Module):
         `self_attn_kv_mask`, which AutoregressiveWrapper(mask_prob>0) uses to hide random
         input tokens during fine-tuning).
       return_embeddings: return the final-normed [B, N, dim] features instead of logits.
+      factor_logits: with token_factors (P, E), return the [B, N, P + E] logits of the two
+        codes (the first P: pose code, the rest: expression code) instead of their
+        [B, N, P * E] pair sums: a loss can use them without the P * E table.
 
     Returns:
-      [B, N, num_tokens] float32 logits.
+      [B, N, num_tokens] float32 logits ([B, N, P + E] with factor_logits).
     """
     if tokens.shape[1] > self.max_seq_len and self._has_pos:
       raise ValueError(f"sequence length {tokens.shape[1]} > max_seq_len {self.max_seq_len}")
@@ -557,6 +560,10 @@ class TokenDecoder(nn.Module):
                             context_shift=self.context_shift)
     if return_embeddings:
       return x
+    if factor_logits:
+      if not self._factors:
+        raise ValueError("factor_logits needs token_factors")
+      return self.to_logits(x)
     return self._logits(x)
 
   def init_cache(self, batch: int, length: int, dtype: Any = jnp.float32) -> list[dict]:

@@ -147,6 +147,25 @@ def cross_entropy_sums(logits: jax.Array, targets: jax.Array):
   return jnp.sum(jnp.where(valid, nll, 0.0)), valid.sum(), correct.sum()
 
 
+def factored_cross_entropy_sums(factor_logits: jax.Array, targets: jax.Array,
+                                factors: tuple):
+  """`cross_entropy_sums` of a factorised head from its [..., P + E] code logits, without
+  the [..., P * E] pair table: log p(t) = log p(t // E) + log p(t % E) under the two codes'
+  own softmaxes (the softmax of pair sums factorises), and the argmax pair is the pair of
+  argmaxes."""
+  first_size, second_size = factors
+  valid = targets != IGNORE
+  safe = jnp.where(valid, targets, 0)
+  logits = factor_logits.astype(jnp.float32)
+  nll, correct = 0.0, valid
+  for part, digit in ((logits[..., :first_size], safe // second_size),
+                      (logits[..., first_size:], safe % second_size)):
+    logp = jax.nn.log_softmax(part, axis=-1)
+    nll = nll - jnp.take_along_axis(logp, digit[..., None], axis=-1)[..., 0]
+    correct = correct & (jnp.argmax(part, axis=-1) == digit)
+  return jnp.sum(jnp.where(valid, nll, 0.0)), valid.sum(), correct.sum()
+
+
 def pairwise_distance_sums(pred: jax.Array, target: jax.Array, frames: jax.Array):
   """(sum of pose distances, sum of expression distances, frame count) over `frames`."""
   diff = pred - target + PAIRWISE_EPS
@@ -154,6 +173,24 @@ def pairwise_distance_sums(pred: jax.Array, target: jax.Array, frames: jax.Array
   pose = jnp.sqrt(jnp.sum(jnp.square(diff[..., POSE]), axis=-1))
   expression = jnp.sqrt(jnp.sum(jnp.square(diff[..., EXPRESSION]), axis=-1))
   return (pose * w).sum(), (expression * w).sum(), w.sum()
+
+
+def _factored_decode(factor_logits: jax.Array, codebook: jax.Array, factors: tuple, *,
+                     soft: bool) -> jax.Array:
+  """`_decode_motion`'s code vectors from a factorised head's [.., P + E] code logits.
+
+  A part tokenizer's code vector of t = (a, b) is its pose code and its expression code side
+  by side, so row a * E + b = row a * E + row b - row 0, and the expected vector under
+  p(a) p(b) is p(a) @ rows(a * E) + p(b) @ rows(b) - row 0 (each distribution sums to 1).
+  """
+  first_size, second_size = factors
+  logits = factor_logits.astype(jnp.float32)
+  first, second = logits[..., :first_size], logits[..., first_size:]
+  if not soft:
+    return codebook[jnp.argmax(first, axis=-1) * second_size + jnp.argmax(second, axis=-1)]
+  first_rows = codebook[jnp.arange(first_size) * second_size]
+  return (jax.nn.softmax(first, axis=-1) @ first_rows
+          + jax.nn.softmax(second, axis=-1) @ codebook[:second_size] - codebook[0])
 
 
 def decoder_key_mask(rng: jax.Array, valid: jax.Array, prob: float) -> Optional[jax.Array]:
@@ -378,12 +415,23 @@ class DIMTask:
     out = vq.apply({"params": params[f"{role}_vq"]}, motion, mask, method=vqvae.VQVAE.encode)
     return jax.lax.stop_gradient(out["tokens"])
 
+  @property
+  def _factored(self) -> bool:
+    """Teacher-forced losses read a factorised head's [.., P + E] code logits, not the
+    [.., P * E] pair logits (the same values, 16x less work at 16 x 256 codes). The
+    parallel decoder's given-token rows need the pair logits: it keeps them."""
+    cfg = self.model.config
+    return bool(cfg.token_factors) and cfg.output == "tokens" and not cfg.parallel
+
   def _decode_motion(self, params, role: str, logits, frames, rng, train: bool):
     """VQ-decodes predicted tokens ('argmax', official) or the expected code ('soft')."""
     vq = self.speaker_vq if role == "speaker" else self.listener_vq
     # The decoder's code vectors, not the raw parameter (they differ with codebook_normalize).
     codebook = vq.apply({"params": params[f"{role}_vq"]}, method=vqvae.VQVAE.code_vectors)
-    if self.options.decode == "soft":
+    if self._factored:
+      quantized = _factored_decode(logits, codebook, self.model.config.token_factors,
+                                   soft=self.options.decode == "soft")
+    elif self.options.decode == "soft":
       quantized = jax.nn.softmax(logits.astype(jnp.float32), axis=-1) @ codebook
     else:
       quantized = codebook[jnp.argmax(logits, axis=-1)]
@@ -427,8 +475,9 @@ class DIMTask:
       input_valid = mask[:, :inputs.shape[1]]
       key_mask = decoder_key_mask(r_key, input_valid, self.options.decoder_key_mask_prob) if train else None
       logits = self.model.apply({"params": params["dim"]}, inputs, context, mask, key_mask,
-                                method=dim_lib.DIM.decode)
-      ce = cross_entropy_sums(logits, shifted)
+                                factor_logits=self._factored, method=dim_lib.DIM.decode)
+      ce = (factored_cross_entropy_sums(logits, shifted, cfg.token_factors) if self._factored
+            else cross_entropy_sums(logits, shifted))
       frames = shifted != IGNORE
     return (logits if cfg.output == "tokens" else None), motion, frames, ce, r_dec
 
