@@ -30,7 +30,9 @@ model; only that frame enters the jitted function, and later windows are never r
 'none' uses no ground truth at all: the model's start token if it was trained with
 `model.start='start_token'` (with 'first_frame' such a model gets [start, frame-0 token]),
 otherwise the code of a still window at the training mean (0 in standardised units, or raw 0
-when the model was trained on raw features). The parallel variant (trained with every
+when the model was trained on raw features). With an InstanceNorm tokenizer (official
+`conv_norm='instance'`) a still window is zero after the first conv block, so its code does
+not depend on the first frame (README "Frame 0 with InstanceNorm tokenizers"). The parallel variant (trained with every
 position masked) and the no-VQ ablation use no ground truth in either mode; their windows are
 generated independently and cross-faded the same way. A parallel model trained with partial
 masks (`loss.parallel_mask_schedule`) decodes in `Generator.iterative` passes and is given
