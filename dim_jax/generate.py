@@ -32,9 +32,9 @@ model; only that frame enters the jitted function, and later windows are never r
 otherwise the code of a still window at the training mean (0 in standardised units, or raw 0
 when the model was trained on raw features). With an InstanceNorm tokenizer (official
 `conv_norm='instance'`) a still window is zero after the first conv block, so its code does
-not depend on the first frame (README "Frame 0 with InstanceNorm tokenizers"). The parallel variant (trained with every
-position masked) and the no-VQ ablation use no ground truth in either mode; their windows are
-generated independently and cross-faded the same way. A parallel model trained with partial
+not depend on the first frame (README "Frame 0 with InstanceNorm tokenizers"). The parallel
+variant (trained with every position masked) and the no-VQ ablation use no ground truth in
+either mode; their windows are generated independently and cross-faded the same way. A parallel model trained with partial
 masks (`loss.parallel_mask_schedule`) decodes in `Generator.iterative` passes and is given
 frame 0's token and each later window's overlap tokens, as the autoregressive one. N samples per input are one batch.
 

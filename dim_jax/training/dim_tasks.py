@@ -418,7 +418,7 @@ class DIMTask:
   @property
   def _factored(self) -> bool:
     """Teacher-forced losses read a factorised head's [.., P + E] code logits, not the
-    [.., P * E] pair logits (the same values, 16x less work at 16 x 256 codes). The
+    [.., P * E] pair logits (the same values; 272 instead of 4,096 columns at 16 x 256). The
     parallel decoder's given-token rows need the pair logits: it keeps them."""
     cfg = self.model.config
     return bool(cfg.token_factors) and cfg.output == "tokens" and not cfg.parallel
