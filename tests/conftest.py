@@ -45,8 +45,6 @@ _LONGEST_FIRST = ("test_training.py", "test_dim.py", "test_multihost.py", "test_
 
 def _group(nodeid: str) -> str:
   """The xdist work unit of a test: its file's group, or the test itself in a _SPREAD file."""
-  if nodeid.rfind("@") > nodeid.rfind("]"):  # an xdist_group suffix (xdist's own loadgroup)
-    return nodeid.rsplit("@", 1)[1]
   name = os.path.basename(nodeid.split("::", 1)[0])
   return nodeid if name in _SPREAD else _SHARED.get(name, name)
 
