@@ -459,6 +459,11 @@ def generate_config() -> ml_collections.ConfigDict:
   config.generate.hubert_dir = ""
   config.generate.hubert_layer = "last"
   config.generate.fps = 30.0  # motion frame rate of the recordings' clips (the model's data).
+  # Ours: add Gaussian noise of the tokenizer's per-dimension residual std (measured on the
+  # data.dir split generate.residual_split) to every sample; the decoder output (default) is
+  # smoother than the data (generate.py, "the tokenizer's residual").
+  config.generate.residual_noise = False
+  config.generate.residual_split = "train"
   sampling = ml_collections.ConfigDict()
   sampling.temperature = 1.0       # 0 = greedy.  Official: 1.0 with top-k over 10 %.
   sampling.top_k = 0               # a count; 0 = use top_k_fraction.
@@ -501,4 +506,7 @@ def evaluate_config() -> ml_collections.ConfigDict:
   # On the embedded synthetic data: a diagnostic row of listeners redrawn by the generator
   # itself (its true conditional law), what a perfect model would score.
   ev.synthetic_oracle = True
+  # Add the tokenizer's residual noise to the samples (as generate.residual_noise; std from
+  # the train_split); the decoder output is reported beside it as a variant row.
+  ev.residual_noise = False
   return config

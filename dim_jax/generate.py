@@ -571,6 +571,100 @@ def generate_clips(generator: Generator, clips: list[dict], num_samples: int, rn
   return out
 
 
+# --- the tokenizer's residual: what no token carries (opt-in sampling noise) ---------------
+#
+# Ours, not the official code's: the official decoder output is the motion. A token sequence
+# cannot carry frame-level jitter (on the embedded synthetic data, i.i.d. noise on 47 of 50
+# expression dims; real EMOCA fits jitter too), so decoded motion is smoother than the data,
+# and FD, which compares each clip's frame covariance, charges it (the synthetic ground truth
+# without its own noise scores expression FD 0.11). With `residual_noise`, samples add white
+# Gaussian noise with the std of the white part of the tokenizer's residual on the training
+# split: the VQ decoder read as a Gaussian whose frame-level variance is what it cannot
+# represent. Only the white part: the residual's smooth part (a pose slightly off for a
+# second) is an error, and white noise would be the wrong model of it. It costs MSE (adds
+# that variance) and renders jitter: off by default; evaluate reports both rows.
+
+RESIDUAL_KEY_TAG = 0x5E5D  # folds the sampling seed into the residual noise's own stream
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _reconstruct(gen: "Generator", params, windows: jax.Array, mask: jax.Array) -> jax.Array:
+  vq = gen.task.speaker_vq if gen.role == "speaker" else gen.task.listener_vq
+  variables = {"params": params[f"{gen.role}_vq"]}
+  tokens = vq.apply(variables, windows, mask, method=vqvae.VQVAE.encode)["tokens"]
+  return vq.apply(variables, tokens, mask, method=vqvae.VQVAE.decode_tokens)
+
+
+def tokenizer_residual_std(generator: "Generator", clips: list[dict], *,
+                           max_windows: int = 512, batch_size: int = 64) -> np.ndarray:
+  """[56] std per dimension of the white (frame-level) part of what the tokenizer loses.
+
+  The generator's own tokenizer (its role's VQ-VAE, as generation uses it) encodes and
+  decodes each clip's target-role motion in consecutive windows of `generator.window`
+  frames (the last one padded and masked), at most `max_windows` windows in clip order. Of
+  the residual r = motion - reconstruction, the white part's variance is estimated from
+  consecutive valid frames of a window: E[(r[t+1] - r[t])^2] / 2 (the first-difference
+  estimator: white noise of variance v contributes v, a smooth error almost nothing).
+  Units: standardised when the model was trained on normalised features (multiply by the
+  data std for raw units, `residual_scale`), else raw.
+  """
+  if not clips:
+    raise ValueError("tokenizer_residual_std needs at least one clip")
+  window, stream = generator.window, f"{generator.role}_motion"
+  norm = generator.task.normalization
+  chunks, masks = [], []
+  for clip in clips:
+    motion = np.asarray(clip[stream], np.float32)
+    if norm is not None:
+      motion = np.asarray(norm.normalize(motion, stream), np.float32)
+    for start in range(0, len(motion), window):
+      piece = motion[start:start + window]
+      chunks.append(np.pad(piece, [(0, window - len(piece)), (0, 0)]))
+      masks.append(np.arange(window) < len(piece))
+    if len(chunks) >= max_windows:
+      break
+  chunks, masks = np.stack(chunks[:max_windows]), np.stack(masks[:max_windows])
+  filler = -len(chunks) % batch_size  # one compiled shape
+  windows = np.pad(chunks, [(0, filler), (0, 0), (0, 0)])
+  mask = np.pad(masks, [(0, filler), (0, 0)])
+  residual = np.concatenate([
+      np.asarray(windows[i:i + batch_size] - _reconstruct(
+          generator, generator.params, windows[i:i + batch_size], mask[i:i + batch_size]))
+      for i in range(0, len(windows), batch_size)])
+  pairs = mask[:len(residual), 1:] & mask[:len(residual), :-1]  # [W, window - 1]
+  steps = np.diff(residual, axis=1)[pairs]
+  if not len(steps):
+    raise ValueError("tokenizer_residual_std needs clips of at least 2 frames")
+  return np.sqrt(0.5 * np.square(steps.astype(np.float64)).mean(axis=0)).astype(np.float32)
+
+
+def residual_scale(generator: "Generator", residual_std: np.ndarray) -> np.ndarray:
+  """[56] raw-unit std of the residual noise (`tokenizer_residual_std` x the data std)."""
+  norm = generator.task.normalization
+  if norm is None:
+    return np.asarray(residual_std, np.float32)
+  return (np.asarray(residual_std, np.float64)
+          * np.asarray(norm.std(f"{generator.role}_motion"), np.float64)).astype(np.float32)
+
+
+def add_residual_noise(samples: dict[str, np.ndarray], rng: jax.Array,
+                       scale: np.ndarray) -> dict[str, np.ndarray]:
+  """Samples plus Gaussian noise of std `scale` [56] (raw units) per dimension and frame.
+
+  Clip c's noise is drawn from its own key, `clip_keys(fold_in(rng, RESIDUAL_KEY_TAG), [c])`:
+  it depends only on the seed, c's id and its shape, as the samples themselves.
+  """
+  ids = list(samples)
+  keys = clip_keys(jax.random.fold_in(jnp.asarray(_raw_key(rng)), RESIDUAL_KEY_TAG), ids)
+  scale = np.asarray(scale, np.float32)
+  out = {}
+  for clip_id, key in zip(ids, keys):
+    motion = np.asarray(samples[clip_id], np.float32)
+    noise = np.random.default_rng([int(k) for k in key]).standard_normal(motion.shape)
+    out[clip_id] = (motion + noise.astype(np.float32) * scale).astype(np.float32)
+  return out
+
+
 # --- generation from a recording: wav (+ the speaker's motion) -> listener / speaker motion ---
 
 def clips_from_recordings(recordings: Sequence[dict], extractor, *, fps: float,
@@ -801,6 +895,16 @@ def run_generate(config, workdir: str) -> dict:
   # one process), writes its share of the files; process 0 the summary of every clip.
   samples = generate_clips(generator, clips, num_samples, jax.random.PRNGKey(int(gc.seed)),
                            batch_size=int(gc.batch_size), start=start)
+  residual_std = None
+  if bool(gc.get("residual_noise", False)):
+    residual_clips = pipeline.read_split_clips(config, pipeline.ensure_data(config),
+                                               str(gc.get("residual_split", "train")))
+    if not residual_clips:
+      raise records.RecordError(f"generate.residual_noise: split {gc.residual_split!r} of "
+                                "data.dir has no clips to measure the tokenizer's residual on")
+    residual_std = tokenizer_residual_std(generator, residual_clips)
+    samples = add_residual_noise(samples, jax.random.PRNGKey(int(gc.seed)),
+                                 residual_scale(generator, residual_std))
   # Recordings have no ground truth: no errors, y_true None in the pickles.
   truths = {clip["clip_id"]: None if recordings_dir else clip[f"{generator.role}_motion"]
             for clip in clips}
@@ -827,6 +931,8 @@ def run_generate(config, workdir: str) -> dict:
       start=model_cfg.start, ground_truth=start, window=generator.window,
       formats=list(formats), emoca_smoothing=smoothing,
       window_overlap=generator.overlap, decoding=model_cfg.decoding, weights=generator.weights,
+      residual_noise=residual_std is not None,
+      residual_std=None if residual_std is None else residual_std.tolist(),
       normalized=generator.task.normalization is not None,
       pose_l1=errors["pose_abs"] / (frames * 6), expression_l1=errors["expression_abs"] / (frames * 50),
       pose_mse=errors["pose_sq"] / (frames * 6), expression_mse=errors["expression_sq"] / (frames * 50))

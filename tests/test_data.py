@@ -158,6 +158,26 @@ def test_listener_redraws_keep_the_speaker_and_the_reactions_and_redraw_the_rest
     synthetic.listener_redraws([dict(clips[0], clip_id="clip")], arguments, draws=1)
 
 
+def test_listener_posture_is_shown_by_the_first_frame_and_kept_by_redraws():
+  # The head posture is a per-clip constant (sd 0.03 rad) under a small sway (<= 0.03 rad):
+  # across clips, a clip's mean head rotation follows its first frame, and other listeners
+  # drawn for the same clip keep it (before the posture the redraws' means were unrelated).
+  arguments = dict(seed=5, min_len=60, max_len=60, fps=30.0)
+  clips = synthetic.generate_clips(64, seed=5, min_len=60, max_len=60, id_prefix="test")
+  stored = np.stack([clip["listener_motion"] for clip in clips])
+  redrawn = synthetic.listener_redraws(clips, arguments, draws=1)[0]
+  axes = slice(1, 3)  # yaw and roll: no nods
+  clip_means = stored[:, :, axes].mean(1)
+  for other, name in ((stored[:, 0, axes], "first frame"),
+                      (redrawn[:, :, axes].mean(1), "redraws' means")):
+    for axis in range(2):
+      correlation = np.corrcoef(clip_means[:, axis], other[:, axis])[0, 1]
+      assert correlation > 0.8, (name, axis, correlation)
+  # Yet the sway is the listener's own: redraws move differently inside the clip.
+  inside = lambda x: x[:, :, axes] - x[:, :, axes].mean(1, keepdims=True)
+  assert np.std(inside(redrawn) - inside(stored)) > 0.003
+
+
 def test_synthetic_shapes_and_ranges():
   clips = synthetic.generate_clips(12, seed=0, min_len=48, max_len=160)
   lengths = [clip["speaker_motion"].shape[0] for clip in clips]

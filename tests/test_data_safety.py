@@ -81,6 +81,16 @@ def test_synthetic_writer_refuses_any_foreign_file_and_reuses_its_own_dataset(tm
   # Other arguments, or a file the writer did not write next to its dataset: refused.
   with pytest.raises(records.RecordError, match=r"written with seed=1 \(not 2\); choose"):
     synthetic.write_synthetic_dataset(str(data_dir), **dict(SMALL, seed=2))
+  # Written under an older law (a marker without a version): refused, nothing rewritten.
+  assert marker["law_version"] == synthetic.LAW_VERSION
+  info_path = data_dir / records.INFO_FILENAME
+  current_info = info_path.read_text()
+  old_info = json.loads(current_info)
+  del old_info[synthetic.INFO_MARKER]["law_version"]
+  info_path.write_text(json.dumps(old_info))
+  with pytest.raises(records.RecordError, match=r"older generator \(law version 1, now 2"):
+    synthetic.write_synthetic_dataset(str(data_dir), **SMALL)
+  info_path.write_text(current_info)
   (data_dir / "extra.npy").write_bytes(b"x")
   with pytest.raises(records.RecordError,
                      match=r"holds 8 entries, 1 of them not listed by its synthetic "

@@ -1192,8 +1192,10 @@ def test_generate_from_a_recording_uses_the_extract_audio_features(chain, finetu
     np.testing.assert_array_equal(samples[k], written[k])
 
 
-def test_evaluate_scores_the_models_own_samples(chain, generated):
-  """Phase `evaluate` on a model: its rows are the metrics of the samples `generate` writes."""
+def test_evaluate_scores_the_models_own_samples(chain, finetuned, generated):
+  """Phase `evaluate` on a model: its rows are the metrics of the samples `generate` writes
+  (with evaluate.residual_noise: the headline those of generate.residual_noise, the decoder
+  output row those without)."""
   out, _ = generated
   gen_config = _generate_config(chain["data_dir"], str(chain["root"] / "unused"), 2, 1.0)
   config = config_lib.evaluate_config()
@@ -1206,30 +1208,44 @@ def test_evaluate_scores_the_models_own_samples(chain, generated):
   config.evaluate.seed = gen_config.generate.seed
   config.evaluate.sampling.temperature = gen_config.generate.sampling.temperature
   config.evaluate.plot_clips = 1
+  config.evaluate.residual_noise = True
   results = phases.run(config, str(chain["root"] / "evaluate"))
+  # The same samples with the tokenizer's residual noise, as `generate` writes them.
+  noisy_out = str(chain["root"] / "generate_residual")
+  noisy_config = _generate_config(chain["data_dir"], finetuned, 2, 1.0)
+  noisy_config.generate.residual_noise = True
+  noisy_summary = phases.run(noisy_config, noisy_out)
+  np.testing.assert_allclose(results["settings"]["residual_std"], noisy_summary["residual_std"],
+                             rtol=1e-6)
 
-  # Same checkpoint, seed, batches and sampling settings as the generate run: same samples.
+  # Same checkpoint, seed, batches and sampling settings as the generate runs: same samples.
   clips = records.read_clips(chain["data_dir"], "test")
   truth, lengths = evaluate_lib.pad_clips([c["listener_motion"] for c in clips])
   speaker, _ = evaluate_lib.pad_clips([c["speaker_motion"] for c in clips])
-  files = np.stack([evaluate_lib.pad_clips(
-      [np.load(os.path.join(out, "generated", f"sample_{k}", f"{c['clip_id']}.npy"))
-       for c in clips])[0] for k in range(2)])
   ids = [c["clip_id"] for c in clips]
   clusters = metrics_lib.fit_clusters(truth, lengths, clip_ids=ids)
   rows = {m["name"]: m for m in results["methods"]}
   assert rows["DIM-Listener"]["runs"] == 2
-  for protocol in ("dim_compat", "per_sequence"):
-    want = [metrics_lib.listener_metrics(truth, files[k], speaker, lengths, protocol=protocol,
-                                         clusters=clusters, clip_ids=ids) for k in range(2)]
-    got = rows["DIM-Listener"]["metrics"][protocol]
-    for key in ("fd_expression", "mse_pose", "sid_expression", "rpcc_pose"):
-      np.testing.assert_allclose(got[key]["values"], [w[key] for w in want], rtol=1e-5)
-    oracle = metrics_lib.listener_metrics(
-        truth, evaluate_lib.best_of_samples(files, truth, lengths), speaker, lengths,
-        protocol=protocol, clusters=clusters, clip_ids=ids)
-    got = rows["DIM-Listener best-of-2 (oracle, diagnostic)"]["metrics"][protocol]
-    np.testing.assert_allclose(got["mse_expression"]["mean"], oracle["mse_expression"], rtol=1e-5)
+  assert "residual noise" in rows["DIM-Listener"]["note"]
+  for row, directory in (("DIM-Listener", noisy_out),
+                         ("DIM-Listener (decoder output, no residual noise)", out)):
+    files = np.stack([evaluate_lib.pad_clips(
+        [np.load(os.path.join(directory, "generated", f"sample_{k}", f"{c['clip_id']}.npy"))
+         for c in clips])[0] for k in range(2)])
+    for protocol in ("dim_compat", "per_sequence"):
+      want = [metrics_lib.listener_metrics(truth, files[k], speaker, lengths,
+                                           protocol=protocol, clusters=clusters, clip_ids=ids)
+              for k in range(2)]
+      got = rows[row]["metrics"][protocol]
+      for key in ("fd_expression", "mse_pose", "sid_expression", "rpcc_pose"):
+        np.testing.assert_allclose(got[key]["values"], [w[key] for w in want], rtol=1e-5)
+      if row == "DIM-Listener":
+        oracle = metrics_lib.listener_metrics(
+            truth, evaluate_lib.best_of_samples(files, truth, lengths), speaker, lengths,
+            protocol=protocol, clusters=clusters, clip_ids=ids)
+        got = rows["DIM-Listener best-of-2 (oracle, diagnostic)"]["metrics"][protocol]
+        np.testing.assert_allclose(got["mse_expression"]["mean"], oracle["mse_expression"],
+                                   rtol=1e-5)
   assert {"Random", "Mirror", "NN-motion", "NN-audio"} <= set(rows)
   assert os.path.exists(os.path.join(chain["root"], "evaluate", "report.md"))
 

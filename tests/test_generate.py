@@ -319,3 +319,67 @@ def test_window_step_compiles_once_for_every_window_and_batch():
                                                        "speaker_audio")})],
                           NUM_SAMPLES, RNG, batch_size=2)
   assert generate._window_step._cache_size() == before  # pylint: disable=protected-access
+
+
+def _white_std(residuals):
+  steps = np.concatenate([np.diff(r, axis=0) for r in residuals])
+  return np.sqrt(0.5 * np.mean(steps.astype(np.float64) ** 2, axis=0))
+
+
+def test_tokenizer_residual_std_is_the_white_part_of_each_windows_reconstruction_error():
+  # Derived here window by window: each clip cut into consecutive 16-frame windows (the last
+  # shorter one alone, unpadded), standardised, VQ-encoded and decoded on its own; half the
+  # mean squared frame-to-frame step of the residual, pooled (steps never cross windows). The
+  # function batches padded, masked windows.
+  generator = _generator()
+  clips = _clips()
+  vq, variables = generator.task.listener_vq, {"params": generator.params["listener_vq"]}
+  residuals = []
+  for clip in clips:
+    motion = (clip["listener_motion"] - MEAN) / STD
+    for start in range(0, len(motion), WINDOW):
+      piece = jnp.asarray(motion[None, start:start + WINDOW])
+      mask = jnp.ones(piece.shape[:2], bool)
+      tokens = vq.apply(variables, piece, mask, method=vqvae.VQVAE.encode)["tokens"]
+      decoded = vq.apply(variables, tokens, mask, method=vqvae.VQVAE.decode_tokens)
+      residuals.append(np.asarray(piece - decoded)[0])
+  got = generate.tokenizer_residual_std(generator, clips, batch_size=4)
+  np.testing.assert_allclose(got, _white_std(residuals), rtol=1e-4, atol=1e-6)
+  assert got.shape == (56,) and np.all(got > 0)
+  # max_windows: only the first clip's 3 windows.
+  first = generate.tokenizer_residual_std(generator, clips, max_windows=3)
+  np.testing.assert_allclose(first, _white_std(residuals[:3]), rtol=1e-4, atol=1e-6)
+  # Raw units: times the data std.
+  np.testing.assert_allclose(generate.residual_scale(generator, got), got * STD, rtol=1e-6)
+
+
+def test_first_difference_estimator_sees_white_noise_not_smooth_error():
+  # The estimator behind tokenizer_residual_std, on known signals: white noise of std 0.3 plus
+  # a slow sinusoid of amplitude 2 (a smooth error) reads 0.3, not the total std (~1.4).
+  rng = np.random.default_rng(0)
+  t = np.arange(4000)[:, None]
+  residual = 0.3 * rng.standard_normal((4000, 3)) + 2.0 * np.sin(2 * np.pi * t / 300.0)
+  np.testing.assert_allclose(_white_std([residual]), 0.3, rtol=0.05)
+  assert residual.std(axis=0).min() > 1.3
+
+
+def test_residual_noise_has_the_scale_per_dimension_and_each_clips_own_draw():
+  scale = np.linspace(0.01, 2.0, 56).astype(np.float32)
+  base = {"a": np.full((2, 3000, 56), 3.0, np.float32), "b": np.zeros((1, 40, 56), np.float32)}
+  noisy = generate.add_residual_noise(base, RNG, scale)
+  noise = noisy["a"] - base["a"]
+  # 6,000 draws per dimension: the std within 5 % of the scale (about 5 standard errors),
+  # mean near 0, and dimensions independent (max |correlation| far below 1).
+  np.testing.assert_allclose(noise.reshape(-1, 56).std(axis=0), scale, rtol=0.05)
+  assert np.all(np.abs(noise.reshape(-1, 56).mean(axis=0)) < 0.06 * scale)
+  correlation = np.corrcoef(noise.reshape(-1, 56).T) - np.eye(56)
+  assert np.abs(correlation).max() < 0.08
+  # A clip's draw depends only on the seed, its id and shape: not on the other clips.
+  alone = generate.add_residual_noise({"b": base["b"]}, RNG, scale)
+  np.testing.assert_array_equal(alone["b"], noisy["b"])
+  other_seed = generate.add_residual_noise({"b": base["b"]}, jax.random.PRNGKey(8), scale)
+  assert not np.array_equal(other_seed["b"], noisy["b"])
+  renamed = generate.add_residual_noise({"c": base["b"]}, RNG, scale)
+  assert not np.array_equal(renamed["c"], noisy["b"])
+  # The samples themselves are not touched.
+  assert np.all(base["a"] == 3.0) and noisy["a"].dtype == np.float32

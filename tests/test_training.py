@@ -239,3 +239,15 @@ def test_train_step_compiles_once_and_keeps_shapes(data_dir):
     losses_seen.append(float(metrics["loss"]))
     state = new_state
   assert int(state["step"]) == 3 and len(set(losses_seen)) == 3
+
+
+def test_config_differences_read_tuples_as_the_saved_lists():
+  # A checkpoint's meta is JSON: a tuple field (model.token_factors) reads back as a list. A
+  # rerun of the same config must resume, not report a difference (the demo's rerun did).
+  ours = {"model": {"token_factors": (16, 256), "dim": 8}, "phase": "pretrain"}
+  saved = json.loads(json.dumps(ours))
+  assert saved["model"]["token_factors"] == [16, 256]
+  assert checkpointing.config_differences(ours, saved) == []
+  changed = dict(saved, model=dict(saved["model"], token_factors=[16, 128]))
+  assert checkpointing.config_differences(ours, changed) == [
+      "model.token_factors: this run (16, 256), checkpoint [16, 128]"]

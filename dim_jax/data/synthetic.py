@@ -43,8 +43,16 @@ Listener (the learnable dyadic structure):
     for tau in [0, 1) s; its first peak (about +0.10 rad) is 3 frames after it starts.
   * Smile: ``exp[3] = SMILE_GAIN (1.2) * leaky_integral(speaking)`` with time constant
     ``SMILE_SECONDS`` (2 s): it rises while the speaker talks for long and decays in pauses.
-  * Idiosyncratic, not predictable from the speaker: head drift of amplitude U(0.01, 0.03) rad
-    per axis, exp[4:6] own sinusoids (amplitude U(0.1, 0.3), 0.2-1.0 Hz), jaw pose 3 at
+  * Posture: the listener's head rotation (pose 0:3) is offset by a per-clip constant
+    N(0, ``LISTENER_POSTURE_RAD`` (0.03)) rad per axis, the way a person sits towards the
+    camera. It belongs to the person in this clip, not to the moment: the clip's first frame
+    shows it (the official first-frame protocol carries it into generation) and
+    `listener_redraws` keeps it. (Until 2026-11 the head had no posture and a larger drift,
+    U(0.01, 0.03) per sinusoid; then even the data's own law lost pose FD to the Random
+    baseline, because every faithful sample paid the unpredictable per-clip offset twice.)
+  * Idiosyncratic, not predictable from the speaker: head sway of amplitude
+    ``LISTENER_SWAY_RAD`` U(0.005, 0.015) rad per sinusoid and axis (2 sinusoids at
+    ``HEAD_DRIFT_HZ``), exp[4:6] own sinusoids (amplitude U(0.1, 0.3), 0.2-1.0 Hz), jaw pose 3 at
     0.02 rad, and N(0, ``LISTENER_NOISE``) (0.05) noise on every expression dim and N(0, 0.005)
     on every pose dim.
 
@@ -98,6 +106,8 @@ SMILE_DIM = 3
 SMILE_GAIN = 1.2
 SMILE_SECONDS = 2.0
 LISTENER_NOISE = 0.05
+LISTENER_POSTURE_RAD = 0.03
+LISTENER_SWAY_RAD = (0.005, 0.015)
 
 # Column indices inside the 56-wide motion vector.
 PITCH = 0
@@ -227,6 +237,8 @@ def generate_clip(rng: np.random.Generator, length: int, fps: float = 30.0,
                    + AUDIO_NOISE * rng.standard_normal((frames, AUDIO_DIM)))
 
   # --- Listener -------------------------------------------------------------------------
+  # The posture comes from the clip's stream, so that redraws of the listener keep it.
+  posture = LISTENER_POSTURE_RAD * rng.standard_normal(3)
   rng = rng if listener_rng is None else listener_rng  # every draw below is the listener's
   listener_exp = LISTENER_NOISE * rng.standard_normal((frames, EXPRESSION_DIM))
   lag = mirror_lag_frames(fps)
@@ -251,7 +263,8 @@ def generate_clip(rng: np.random.Generator, length: int, fps: float = 30.0,
   nod_kernel = (NOD_AMPLITUDE_RAD * np.exp(-tau / NOD_DECAY_SECONDS)
                 * np.sin(2 * np.pi * NOD_HZ * tau))
   listener_pose = 0.005 * rng.standard_normal((frames, POSE_DIM))
-  listener_pose[:, 0:3] += _sinusoid_sum(rng, times, 3, 2, (0.01, 0.03), HEAD_DRIFT_HZ)
+  listener_pose[:, 0:3] += posture + _sinusoid_sum(rng, times, 3, 2, LISTENER_SWAY_RAD,
+                                                   HEAD_DRIFT_HZ)
   listener_pose[:, PITCH] += _causal_filter(impulses, nod_kernel)
   listener_pose[:, JAW_OPEN] += 0.02
 
@@ -323,7 +336,7 @@ def listener_redraws(clips: list[dict[str, Any]], arguments: dict[str, Any],
 
   Each clip (as read back from a dataset that `write_synthetic_dataset` wrote with
   ``arguments``, its ``dataset_info.json`` marker) is regenerated with the same speaker,
-  audio and reactions' timing, and the listener's idiosyncratic randomness (head drift,
+  audio, reactions' timing and head posture, and the listener's idiosyncratic randomness (head sway,
   own expression sinusoids, noise) drawn afresh ``draws`` times. A perfect generative model
   scores like these draws: what no model can beat on a metric shows here.
 
@@ -357,6 +370,15 @@ def listener_redraws(clips: list[dict[str, Any]], arguments: dict[str, Any],
 # Key of dataset_info.json that marks a complete dataset written by `write_synthetic_dataset`
 # (added last, after every split), with the arguments it was written with.
 INFO_MARKER = "synthetic"
+# Version of the generator's law, stored in the marker: a dataset written under another law
+# is not reused, and `listener_redraws` refuses it (its redraws would follow another law).
+# 2: the listener's head posture (2026-11). 1 (markers without a version): head drift only.
+LAW_VERSION = 2
+
+
+def law_version(marker: dict[str, Any]) -> int:
+  """The law version of a dataset's synthetic marker (1 for markers written before versions)."""
+  return int(marker.get("law_version", 1))
 
 
 def _entries(count: int) -> str:
@@ -425,6 +447,11 @@ def check_target_dir(data_dir: str,
     raise records.RecordError(
         f"{data_dir}: holds {what}; the synthetic dataset is written only into an empty or "
         "new directory: choose another data.dir, or remove what is there")
+  if law_version(marker) != LAW_VERSION:
+    raise records.RecordError(
+        f"{data_dir}: holds a synthetic dataset written by an older generator (law version "
+        f"{law_version(marker)}, now {LAW_VERSION}: the listener got a head posture); remove "
+        "it to write it again, or choose another directory")
   written_with = marker.get("arguments") or {}
   if arguments is not None and written_with != arguments:
     differences = ", ".join(f"{key}={written_with.get(key)} (not {value})"
@@ -478,7 +505,7 @@ def write_synthetic_dataset(data_dir: str, seed: int = 0, num_train: int = 256,
   # The marker goes in last: only a complete dataset carries it.
   info = records.read_info(data_dir)
   info[INFO_MARKER] = {"writer": "dim_jax.data.synthetic.write_synthetic_dataset",
-                       "arguments": arguments}
+                       "arguments": arguments, "law_version": LAW_VERSION}
   files.write_text_atomic(os.path.join(data_dir, records.INFO_FILENAME),
                           json.dumps(info, indent=2, sort_keys=True) + "\n")
   return info

@@ -225,7 +225,40 @@ def _synthetic_oracle(config, data_dir: str, clips: list[dict], role: str,
   marker = records.read_info(data_dir).get(synthetic.INFO_MARKER)
   if not marker:
     return None
+  if synthetic.law_version(marker) != synthetic.LAW_VERSION:
+    logging.warning("%s: written by the synthetic generator's law version %d (now %d): no "
+                    "oracle row (its redraws would follow another law)", data_dir,
+                    synthetic.law_version(marker), synthetic.LAW_VERSION)
+    return None
   return synthetic.listener_redraws(clips, marker["arguments"], draws)
+
+
+def _with_residual_noise(config, data_dir: str, generator, clips: list[dict],
+                         lengths: np.ndarray, *sample_sets):
+  """`evaluate.residual_noise`: each [S, N, T, 56] set plus the tokenizer's residual noise
+  (`generate.add_residual_noise`, evaluate.seed; None stays None), and the residual std."""
+  from dim_jax import generate  # pylint: disable=g-import-not-at-top
+  ec = config.evaluate
+  residual_std = generate.tokenizer_residual_std(
+      generator, pipeline.read_split_clips(config, data_dir, ec.train_split))
+  scale = generate.residual_scale(generator, residual_std)
+  rng = jax.random.PRNGKey(int(ec.seed))
+  noisy = []
+  for start, samples in enumerate(sample_sets):
+    if samples is None:
+      noisy.append(None)
+      continue
+    per_clip = {f"{clip['clip_id']}": samples[:, n, :length]
+                for n, (clip, length) in enumerate(zip(clips, lengths))}
+    # The headline's noise is generate's (same seed: same files); the no-ground-truth row's
+    # its own.
+    per_clip = generate.add_residual_noise(
+        per_clip, rng if start == 0 else jax.random.fold_in(rng, start), scale)
+    out = np.zeros_like(samples)
+    for n, clip in enumerate(clips):
+      out[:, n, :lengths[n]] = per_clip[clip["clip_id"]]
+    noisy.append(out)
+  return (*noisy, residual_std)
 
 
 def best_of_samples(samples: np.ndarray, truth: np.ndarray, lengths: np.ndarray, *,
@@ -309,7 +342,7 @@ def run_evaluate(config, workdir: str) -> dict:
                                   best_of=best_of, seed=int(ec.seed), data_dir=data_dir,
                                   alignment=alignment)
   num_samples = max(num_seeds, best_of)
-  no_ground_truth, seams = None, None
+  no_ground_truth, seams, decoder_output = None, None, None
   model_note = f"one sample per clip; mean ± std over {num_seeds} sampling seed(s)"
   if ec.predictions:
     samples = load_predictions(ec.predictions, clips, truth.shape[1], split=ec.split)
@@ -323,12 +356,21 @@ def run_evaluate(config, workdir: str) -> dict:
     model_name = ec.method_name or MODEL_NAMES[role]
     conditioning = ("the speaker's motion and audio" if role == "listener"
                     else "the speaker's audio")
-    model_note += (f"; uses {conditioning} plus the {role}'s first ground-truth frame, as the "
-                   "official protocol; windows after the first continue from the model's own "
-                   "tokens")
+    # Window seams are a property of the generator: measured on its decoder output.
     from dim_jax import generate  # pylint: disable=g-import-not-at-top
     seams = generate.seam_statistics(samples[:num_seeds], lengths, generator.window,
                                      generator.overlap)
+    if bool(ec.get("residual_noise", False)):
+      decoder_output = samples[:num_seeds]
+      samples, no_ground_truth, residual_std = _with_residual_noise(
+          config, data_dir, generator, clips, lengths, samples, no_ground_truth)
+      settings.update(residual_noise=True, residual_std=residual_std.tolist())
+      model_note += ("; plus the tokenizer's residual noise (generate.residual_noise: "
+                     "Gaussian, per dimension, the std of what the tokenizer loses on the "
+                     f"{ec.train_split} split)")
+    model_note += (f"; uses {conditioning} plus the {role}'s first ground-truth frame, as the "
+                   "official protocol; windows after the first continue from the model's own "
+                   "tokens")
 
   clusters = metrics_lib.fit_clusters(truth, lengths, seed=int(ec.kmeans_seed),
                                       clip_ids=clip_ids, alignment=alignment)
@@ -345,6 +387,12 @@ def run_evaluate(config, workdir: str) -> dict:
                            for p in protocols})]
   methods.append(_method(model_name, "model", model_note,
                          [samples[k] for k in range(num_seeds)], score))
+  if decoder_output is not None:
+    methods.append(_method(
+        f"{model_name} (decoder output, no residual noise)", "variant",
+        f"the headline's samples before the residual noise is added (what generate writes "
+        f"by default); mean ± std over {num_seeds} sampling seed(s)",
+        [decoder_output[k] for k in range(num_seeds)], score))
   if no_ground_truth is not None:
     methods.append(_method(
         f"{model_name} (no ground truth)", "variant",
@@ -367,7 +415,7 @@ def run_evaluate(config, workdir: str) -> dict:
     methods.append(_method(
         "Synthetic data's own law (oracle, diagnostic)", "diagnostic",
         f"{num_seeds} other listeners to the same speakers, drawn by the synthetic generator "
-        "itself (same pauses, nods and mirroring; fresh head drift, own expression and "
+        "itself (same pauses, nods, mirroring and head posture; fresh head sway, own expression and "
         "noise): a perfect generative model scores like this; not a method",
         [oracle[k] for k in range(num_seeds)], score))
 

@@ -255,7 +255,14 @@ def format_report(results: Results) -> str:
   if any(m.get("kind") == "variant" for m in methods):
     intro += (
         " Variant rows run the same model differently (\"no ground truth\": frame 0 from the "
-        "model itself instead of the listener's first ground-truth frame); see Rows.")
+        "model itself instead of the listener's first ground-truth frame; \"decoder output\": "
+        "the samples without the tokenizer's residual noise); see Rows.")
+  if (results.get("settings") or {}).get("residual_noise"):
+    intro += (
+        " The model's samples carry the tokenizer's residual noise (evaluate.residual_noise): "
+        "Gaussian noise per frame and dimension with the std of what the tokenizer loses, "
+        "because decoded tokens lack the data's frame-level jitter, which FD charges; it costs "
+        "MSE. Window seams are measured on the decoder output.")
   alignment = (results.get("settings") or {}).get("alignment")
   if alignment in _ALIGNMENT_DESCRIPTIONS:
     intro += " " + _ALIGNMENT_DESCRIPTIONS[alignment]

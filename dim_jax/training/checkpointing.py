@@ -202,13 +202,20 @@ def tree_mismatches(expected: PyTree, found: PyTree) -> list[str]:
   return problems
 
 
+def _as_saved(value):
+  """The value as the checkpoint's JSON meta holds it (tuples read back as lists)."""
+  if isinstance(value, (tuple, list)):
+    return [_as_saved(v) for v in value]
+  return value
+
+
 def config_differences(expected: dict, found: dict, prefix: str = "") -> list[str]:
   out = []
   for key in sorted(set(expected) | set(found)):
     a, b = expected.get(key, "<absent>"), found.get(key, "<absent>")
     if isinstance(a, dict) and isinstance(b, dict):
       out += config_differences(a, b, f"{prefix}{key}.")
-    elif a != b:
+    elif _as_saved(a) != _as_saved(b):
       out.append(f"{prefix}{key}: this run {a!r}, checkpoint {b!r}")
   return out
 
