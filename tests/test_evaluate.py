@@ -284,7 +284,8 @@ def test_config_errors(data_dir, tmp_path):
     phases.run(config, str(tmp_path / "a"))
   for key, value, message in (("num_seeds", 0, "num_seeds"), ("best_of", 1, "best_of"),
                               ("baselines", ("oracle",), "unknown"),
-                              ("protocols", ("pooled",), "protocols")):
+                              ("protocols", ("pooled",), "protocols"),
+                              ("residual_noise", True, "does not apply to evaluate.predictions")):
     config = eval_config(data_dir, str(tmp_path / "none"), **{key: value})
     with pytest.raises(ValueError, match=message):
       phases.run(config, str(tmp_path / "b"))

@@ -318,6 +318,9 @@ def run_evaluate(config, workdir: str) -> dict:
   for protocol in protocols:
     if protocol not in metrics_lib.PROTOCOLS:
       raise ValueError(f"evaluate.protocols: {protocol!r} is not one of {metrics_lib.PROTOCOLS}")
+  if ec.predictions and bool(ec.get("residual_noise", False)):
+    raise ValueError("evaluate.residual_noise adds the model's tokenizer residual to its own "
+                     "samples (init.model); it does not apply to evaluate.predictions")
   if not ec.predictions and not config.init.model:
     raise ValueError("set init.model to a finetune_listener / finetune_speaker workdir, or "
                      "evaluate.predictions to a directory of sample_<k>/<clip>.npy files")
