@@ -592,7 +592,10 @@ def _reconstruct(gen: "Generator", params, windows: jax.Array, mask: jax.Array) 
   vq = gen.task.speaker_vq if gen.role == "speaker" else gen.task.listener_vq
   variables = {"params": params[f"{gen.role}_vq"]}
   tokens = vq.apply(variables, windows, mask, method=vqvae.VQVAE.encode)["tokens"]
-  return vq.apply(variables, tokens, mask, method=vqvae.VQVAE.decode_tokens)
+  decoded = vq.apply(variables, tokens, mask, method=vqvae.VQVAE.decode_tokens)
+  if gen.mesh is not None:  # every process reads the whole result
+    decoded = jax.lax.with_sharding_constraint(decoded, sharding_lib.replicated(gen.mesh))
+  return decoded
 
 
 def tokenizer_residual_std(generator: "Generator", clips: list[dict], *,

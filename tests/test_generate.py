@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from dim_jax import generate, sampler
+from dim_jax import sharding as sharding_lib
 from dim_jax.data import normalization as normalization_lib
 from dim_jax.data import pipeline, synthetic
 from dim_jax.models import vqvae
@@ -351,6 +352,10 @@ def test_tokenizer_residual_std_is_the_white_part_of_each_windows_reconstruction
   np.testing.assert_allclose(first, _white_std(residuals[:3]), rtol=1e-4, atol=1e-6)
   # Raw units: times the data std.
   np.testing.assert_allclose(generate.residual_scale(generator, got), got * STD, rtol=1e-6)
+  # On a mesh (params placed with the training shardings) the same numbers.
+  on_mesh = dataclasses.replace(generator, mesh=sharding_lib.make_mesh({"data": -1, "fsdp": 1}))
+  np.testing.assert_allclose(generate.tokenizer_residual_std(on_mesh, clips, batch_size=4), got,
+                             rtol=1e-5, atol=1e-7)
 
 
 def test_first_difference_estimator_sees_white_noise_not_smooth_error():

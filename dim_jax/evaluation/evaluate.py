@@ -248,7 +248,7 @@ def _with_residual_noise(config, data_dir: str, generator, clips: list[dict],
     if samples is None:
       noisy.append(None)
       continue
-    per_clip = {f"{clip['clip_id']}": samples[:, n, :length]
+    per_clip = {clip["clip_id"]: samples[:, n, :length]
                 for n, (clip, length) in enumerate(zip(clips, lengths))}
     # The headline's noise is generate's (same seed: same files); the no-ground-truth row's
     # its own.
@@ -369,8 +369,8 @@ def run_evaluate(config, workdir: str) -> dict:
           config, data_dir, generator, clips, lengths, samples, no_ground_truth)
       settings.update(residual_noise=True, residual_std=residual_std.tolist())
       model_note += ("; plus the tokenizer's residual noise (generate.residual_noise: "
-                     "Gaussian, per dimension, the std of what the tokenizer loses on the "
-                     f"{ec.train_split} split)")
+                     "white Gaussian, per dimension, the std of the white part of what the "
+                     f"tokenizer loses on the {ec.train_split} split)")
     model_note += (f"; uses {conditioning} plus the {role}'s first ground-truth frame, as the "
                    "official protocol; windows after the first continue from the model's own "
                    "tokens")
