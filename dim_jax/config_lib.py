@@ -459,9 +459,10 @@ def generate_config() -> ml_collections.ConfigDict:
   config.generate.hubert_dir = ""
   config.generate.hubert_layer = "last"
   config.generate.fps = 30.0  # motion frame rate of the recordings' clips (the model's data).
-  # Ours: add Gaussian noise of the tokenizer's per-dimension residual std (measured on the
-  # data.dir split generate.residual_split) to every sample; the decoder output (default) is
-  # smoother than the data (generate.py, "the tokenizer's residual").
+  # Ours: add white Gaussian noise with the std of the white part of the tokenizer's residual
+  # per dimension (measured on the data.dir split generate.residual_split) to every sample;
+  # the decoder output (default) is smoother than the data (generate.py, "the tokenizer's
+  # residual").
   config.generate.residual_noise = False
   config.generate.residual_split = "train"
   sampling = ml_collections.ConfigDict()

@@ -336,9 +336,9 @@ def listener_redraws(clips: list[dict[str, Any]], arguments: dict[str, Any],
 
   Each clip (as read back from a dataset that `write_synthetic_dataset` wrote with
   ``arguments``, its ``dataset_info.json`` marker) is regenerated with the same speaker,
-  audio, reactions' timing and head posture, and the listener's idiosyncratic randomness (head sway,
-  own expression sinusoids, noise) drawn afresh ``draws`` times. A perfect generative model
-  scores like these draws: what no model can beat on a metric shows here.
+  audio, reactions' timing and head posture, and the listener's idiosyncratic randomness
+  (head sway, own expression sinusoids, noise) drawn afresh ``draws`` times. A perfect
+  generative model scores like these draws: what no model can beat on a metric shows here.
 
   Returns:
     [draws, N, T_max, 56] float32 listener motion, zero past each clip's length.
@@ -371,7 +371,7 @@ def listener_redraws(clips: list[dict[str, Any]], arguments: dict[str, Any],
 # (added last, after every split), with the arguments it was written with.
 INFO_MARKER = "synthetic"
 # Version of the generator's law, stored in the marker: a dataset written under another law
-# is not reused, and `listener_redraws` refuses it (its redraws would follow another law).
+# is not reused, and `evaluate` shows no law row for it (its redraws would follow another law).
 # 2: the listener's head posture (2026-11). 1 (markers without a version): head drift only.
 LAW_VERSION = 2
 

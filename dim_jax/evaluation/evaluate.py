@@ -418,8 +418,8 @@ def run_evaluate(config, workdir: str) -> dict:
     methods.append(_method(
         "Synthetic data's own law (oracle, diagnostic)", "diagnostic",
         f"{num_seeds} other listeners to the same speakers, drawn by the synthetic generator "
-        "itself (same pauses, nods, mirroring and head posture; fresh head sway, own expression and "
-        "noise): a perfect generative model scores like this; not a method",
+        "itself (same pauses, nods, mirroring and head posture; fresh head sway, own "
+        "expression and noise): a perfect generative model scores like this; not a method",
         [oracle[k] for k in range(num_seeds)], score))
 
   train_clips = pipeline.read_split_clips(config, data_dir, ec.train_split)

@@ -261,9 +261,8 @@ def format_report(results: Results) -> str:
     intro += (
         " The model's samples carry the tokenizer's residual noise (evaluate.residual_noise): "
         "white Gaussian noise per frame and dimension with the std of the white part of what "
-        "the tokenizer loses, "
-        "because decoded tokens lack the data's frame-level jitter, which FD charges; it costs "
-        "MSE. Window seams are measured on the decoder output.")
+        "the tokenizer loses, because decoded tokens lack the data's frame-level jitter, "
+        "which FD charges; it costs MSE. Window seams are measured on the decoder output.")
   alignment = (results.get("settings") or {}).get("alignment")
   if alignment in _ALIGNMENT_DESCRIPTIONS:
     intro += " " + _ALIGNMENT_DESCRIPTIONS[alignment]
