@@ -590,9 +590,7 @@ RESIDUAL_KEY_TAG = 0x5E5D  # folds the sampling seed into the residual noise's o
 @functools.partial(jax.jit, static_argnums=0)
 def _reconstruct(gen: "Generator", params, windows: jax.Array, mask: jax.Array) -> jax.Array:
   vq = gen.task.speaker_vq if gen.role == "speaker" else gen.task.listener_vq
-  variables = {"params": params[f"{gen.role}_vq"]}
-  tokens = vq.apply(variables, windows, mask, method=vqvae.VQVAE.encode)["tokens"]
-  decoded = vq.apply(variables, tokens, mask, method=vqvae.VQVAE.decode_tokens)
+  decoded = vq.apply({"params": params[f"{gen.role}_vq"]}, windows, mask)["reconstruction"]
   if gen.mesh is not None:  # every process reads the whole result
     decoded = jax.lax.with_sharding_constraint(decoded, sharding_lib.replicated(gen.mesh))
   return decoded

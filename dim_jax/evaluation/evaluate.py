@@ -233,16 +233,15 @@ def _synthetic_oracle(config, data_dir: str, clips: list[dict], role: str,
   return synthetic.listener_redraws(clips, marker["arguments"], draws)
 
 
-def _with_residual_noise(config, data_dir: str, generator, clips: list[dict],
+def _with_residual_noise(seed: int, generator, train_clips: list[dict], clips: list[dict],
                          lengths: np.ndarray, *sample_sets):
   """`evaluate.residual_noise`: each [S, N, T, 56] set plus the tokenizer's residual noise
-  (`generate.add_residual_noise`, evaluate.seed; None stays None), and the residual std."""
+  (`generate.add_residual_noise`, measured on `train_clips`; None stays None), and the
+  residual std."""
   from dim_jax import generate  # pylint: disable=g-import-not-at-top
-  ec = config.evaluate
-  residual_std = generate.tokenizer_residual_std(
-      generator, pipeline.read_split_clips(config, data_dir, ec.train_split))
+  residual_std = generate.tokenizer_residual_std(generator, train_clips)
   scale = generate.residual_scale(generator, residual_std)
-  rng = jax.random.PRNGKey(int(ec.seed))
+  rng = jax.random.PRNGKey(seed)
   noisy = []
   for start, samples in enumerate(sample_sets):
     if samples is None:
@@ -341,6 +340,8 @@ def run_evaluate(config, workdir: str) -> dict:
         f"{data_dir} split {ec.split!r}: clips {short[:8]} have fewer than {min_frames} "
         f"frames; FD needs a covariance (2+ frames{dropped}). Remove them from the split.")
 
+  # Read once: the baselines' training split, and the tokenizer residual's (residual_noise).
+  train_clips = pipeline.read_split_clips(config, data_dir, ec.train_split)
   settings: dict[str, Any] = dict(split=ec.split, role=role, num_seeds=num_seeds,
                                   best_of=best_of, seed=int(ec.seed), data_dir=data_dir,
                                   alignment=alignment)
@@ -366,7 +367,7 @@ def run_evaluate(config, workdir: str) -> dict:
     if bool(ec.get("residual_noise", False)):
       decoder_output = samples[:num_seeds]
       samples, no_ground_truth, residual_std = _with_residual_noise(
-          config, data_dir, generator, clips, lengths, samples, no_ground_truth)
+          int(ec.seed), generator, train_clips, clips, lengths, samples, no_ground_truth)
       settings.update(residual_noise=True, residual_std=residual_std.tolist())
       model_note += ("; plus the tokenizer's residual noise (generate.residual_noise: "
                      "white Gaussian, per dimension, the std of the white part of what the "
@@ -422,7 +423,6 @@ def run_evaluate(config, workdir: str) -> dict:
         "expression and noise): a perfect generative model scores like this; not a method",
         [oracle[k] for k in range(num_seeds)], score))
 
-  train_clips = pipeline.read_split_clips(config, data_dir, ec.train_split)
   if role == "speaker":  # Baselines predict the target role: swap the roles' motion.
     train_clips = [dict(c, speaker_motion=c["listener_motion"], listener_motion=c["speaker_motion"])
                    for c in train_clips]
