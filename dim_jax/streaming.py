@@ -16,17 +16,22 @@ model fine-tuned with `model.causal_context=True` (an official model's decoder a
 whole window: `StreamingListener` refuses it unless `allow_noncausal_model=True`, which then
 runs it with the causal mask it was not trained with).
 
-State (fixed shapes, independent of how many frames were pushed):
-  * speaker and joint encoder K/V caches [1, heads, W, dim_head] per layer (incremental
-    causal encoding, `DIM.encode_speaker_step`);
-  * the decoder's cross-attention K/V of the window's context rows so far and its
-    self-attention K/V cache (`TokenDecoder.decode_step`);
-  * the last O standardised speaker / audio frames and the last O tokens (the next window's
-    prefill and prompt), and the last `history` tokens for the VQ decoder.
-Every push is one jitted call: `_begin` at frame 0, `_switch` at each window switch
-(t = kH + O: the new window's encoders are prefilled with the last O frames plus the new one,
-its decoder prompted with the last O tokens, exactly as offline), `_step` otherwise; each
-compiles once.
+State (fixed shapes, independent of how many frames were pushed; donated to each call, so
+the caches are updated in place and a `state` read before a push is invalid after it):
+  * per window (the current one and the next): speaker and joint encoder K/V caches
+    [1, heads, W, dim_head] per layer (incremental causal encoding,
+    `DIM.encode_speaker_step`), the decoder's cross-attention K/V of the window's context
+    rows so far and its self-attention K/V cache (`TokenDecoder.decode_step`);
+  * the last token and the last `history` tokens for the VQ decoder.
+The next window k+1 is filled during its overlap with window k (frames (k+1)H .. (k+1)H +
+O - 1): each of those pushes encodes the frame into both windows and feeds window k+1's
+decoder the token of its previous position, in one batch-of-two call (the weights, which
+dominate a push, are read once). At t = (k+1)H + O it becomes the current window, holding
+what the offline Generator's prefill gives it (the last O frames, their O tokens as the
+prompt), so the switch costs a push like any other (a prefill of O + 1 frames at once cost
+2x a push: a dropped frame at 30 fps at official size on a 2-core CPU). Every push is one
+jitted call: `_begin` at frame 0, `_step` after it (compiled once for each of: promote the
+next window or not, fill it or not).
 
 Motion. The VQ decoder is not causal (bidirectional attention, k=5 convolutions, instance
 norm over the window), so frame t's motion is the last frame of the VQ decode of the tokens
@@ -121,7 +126,8 @@ class StreamingListener:
 
   @property
   def state(self) -> Optional[dict]:
-    """The stream's arrays (None before the first push): shapes never change."""
+    """The stream's arrays (None before the first push): shapes never change. Donated to
+    the next push: read it (or copy it) before pushing again."""
     return self._state
 
   def reset(self, rng: Optional[Array] = None, first_frame: Optional[Any] = None) -> None:
@@ -160,10 +166,11 @@ class StreamingListener:
                              jnp.asarray(self._use_first), self._rng)
     else:
       k, j = _window_position(t, gen.window, gen.overlap)
-      fn = _switch if (k > 0 and j == gen.overlap) else _step
       # The history only needs t up to its length: every argument stays bounded.
-      state, motion = fn(self._spec, params, self._state, speaker, audio, jnp.int32(k),
-                         jnp.int32(j), jnp.int32(min(t, self.history)))
+      state, motion = _step(self._spec, params, self._state, speaker, audio, jnp.int32(k),
+                            jnp.int32(j), jnp.int32(min(t, self.history)),
+                            promote=k > 0 and j == gen.overlap,
+                            pair=j >= gen.window - gen.overlap)
     self._state = state
     self._t = t + 1
     return np.asarray(motion)
@@ -216,26 +223,34 @@ def _fresh_window(spec: _Spec) -> dict:
               decoder=decoder.init_cache(1, window + spec.offset))
 
 
-def _encode(spec: _Spec, params, state: dict, speaker: Array, audio: Array, index) -> dict:
+def _encode(spec: _Spec, params, window: dict, speaker: Array, audio: Array, index) -> dict:
   """Encodes [n] new standardised frames at window positions index.. into the caches."""
   task, cfg, decoder, dim_vars, dec_vars = _parts(spec, params)
   model = task.model
-  feats, encoders = model.apply(dim_vars, speaker[None], index, state["encoders"],
+  feats, encoders = model.apply(dim_vars, speaker[None], index, window["encoders"],
                                 method=dim_lib.DIM.encode_speaker_step)
   context = model.apply(dim_vars, feats, audio[None], "speaker",
                         method=dim_lib.DIM.decoder_context)
   new_kv = decoder.apply(dec_vars, context, method=type(decoder).precompute_cross)
   write = lambda buf, x: jax.lax.dynamic_update_slice(buf, x.astype(buf.dtype), (0, 0, index, 0))
-  cross = [(write(k, nk), write(v, nv)) for (k, v), (nk, nv) in zip(state["cross"], new_kv)]
-  return dict(state, encoders=encoders, cross=cross)
+  cross = [(write(k, nk), write(v, nv)) for (k, v), (nk, nv) in zip(window["cross"], new_kv)]
+  return dict(window, encoders=encoders, cross=cross)
 
 
-def _decode(spec: _Spec, params, state: dict, inputs: Array, position) -> tuple[Array, dict]:
+def _decode(spec: _Spec, params, window: dict, inputs: Array, position) -> tuple[Array, dict]:
   """Feeds decoder inputs [n] at positions position..; returns the last row's logits."""
   _, _, decoder, _, dec_vars = _parts(spec, params)
-  logits, cache = decoder.apply(dec_vars, inputs[None], position, state["decoder"], None, None,
-                                state["cross"], method=type(decoder).decode_step)
-  return logits[:, -1], dict(state, decoder=cache)
+  logits, cache = decoder.apply(dec_vars, inputs[None], position, window["decoder"], None, None,
+                                window["cross"], method=type(decoder).decode_step)
+  return logits[:, -1], dict(window, decoder=cache)
+
+
+def _advance(spec: _Spec, params, window: dict, speaker: Array, audio: Array, position,
+             feed_token, feed_position) -> tuple[Array, dict]:
+  """One frame of one window: encode the standardised frame at window `position`, feed the
+  decoder `feed_token` at `feed_position`; ([1, num_tokens] logits after it, window)."""
+  window = _encode(spec, params, window, speaker[None], audio[None], position)
+  return _decode(spec, params, window, feed_token[None], feed_position)
 
 
 def _sample(spec: _Spec, logits: Array, rng: Array, k, position) -> Array:
@@ -243,9 +258,8 @@ def _sample(spec: _Spec, logits: Array, rng: Array, k, position) -> Array:
   return sampler.sample_next(key, logits, spec.generator.sampling)[0]
 
 
-def _emit(spec: _Spec, params, state: dict, token: Array, speaker: Array, audio: Array,
-          t) -> tuple[dict, Array]:
-  """Records frame t's token and inputs; VQ-decodes the history ending at t (raw motion).
+def _emit(spec: _Spec, params, state: dict, token: Array, t) -> tuple[dict, Array]:
+  """Records frame t's token; VQ-decodes the history ending at t (raw motion).
 
   t may be capped at `spec.history` (all t >= history behave alike)."""
   gen, length = spec.generator, spec.history
@@ -253,10 +267,7 @@ def _emit(spec: _Spec, params, state: dict, token: Array, speaker: Array, audio:
   history = state["history"]
   appended = jnp.concatenate([history[1:], token[None]])
   history = jnp.where(t < length, history.at[jnp.minimum(t, length - 1)].set(token), appended)
-  shift = lambda buf, x: jnp.concatenate([buf[1:], x[None].astype(buf.dtype)])
-  state = dict(state, history=history, recent=shift(state["recent"], token),
-               speaker=shift(state["speaker"], speaker), audio=shift(state["audio"], audio),
-               previous=token)
+  state = dict(state, history=history, previous=token)
   mask = jnp.arange(length) <= t
   motion = task.listener_vq.apply({"params": params["listener_vq"]}, history[None], mask[None],
                                   method=vqvae.VQVAE.decode_tokens)[0, jnp.minimum(t, length - 1)]
@@ -265,64 +276,69 @@ def _emit(spec: _Spec, params, state: dict, token: Array, speaker: Array, audio:
   return state, motion
 
 
-_JIT = dict(static_argnums=(0,))
-
-
-@functools.partial(jax.jit, **_JIT)
+@functools.partial(jax.jit, static_argnums=(0,))
 def _begin(spec: _Spec, params, speaker, audio, first_frame, use_first_frame, rng):
   """Frame 0: a fresh state, frame 0 encoded, its token given (or sampled after a start)."""
   gen = spec.generator
   task, cfg, *_ = _parts(spec, params)
-  overlap = gen.overlap
   speaker, audio = _standardized(task, speaker, audio)
-  state = dict(_fresh_window(spec), rng=rng,
-               history=jnp.zeros((spec.history,), jnp.int32),
-               recent=jnp.zeros((overlap,), jnp.int32),
-               speaker=jnp.zeros((overlap, speaker.shape[-1]), jnp.float32),
-               audio=jnp.zeros((overlap, audio.shape[-1]), jnp.float32),
-               previous=jnp.zeros((), jnp.int32))
-  state = _encode(spec, params, state, speaker[None], audio[None], 0)
+  window = _encode(spec, params, _fresh_window(spec), speaker[None], audio[None], 0)
   # The offline Generator's frame-0 token (still-window code of the first frame, or of the
   # training mean with start='none').
   first = generate._first_tokens(gen, params, first_frame[None], use_first_frame,  # pylint: disable=protected-access
                                  num_samples=1)[0]
   if spec.offset:
-    logits, state = _decode(spec, params, state, jnp.full((1,), cfg.start_token, jnp.int32), 0)
+    logits, window = _decode(spec, params, window, jnp.full((1,), cfg.start_token, jnp.int32), 0)
     token = jnp.where(use_first_frame, first, _sample(spec, logits, rng, 0, 1))
   else:
     token = first
-  return _emit(spec, params, state, token, speaker, audio, 0)
+  state = dict(rng=rng, history=jnp.zeros((spec.history,), jnp.int32),
+               previous=jnp.zeros((), jnp.int32), window=window, next=_fresh_window(spec))
+  return _emit(spec, params, state, token, 0)
 
 
-@functools.partial(jax.jit, **_JIT)
-def _step(spec: _Spec, params, state, speaker, audio, k, j, t):
-  """Frame t at position j of window k: encode it, feed frame j-1's token, sample frame j."""
-  task = spec.generator.task
+# The state is donated: its caches are updated in place rather than copied every frame.
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("promote", "pair"),
+                   donate_argnums=(2,))
+def _step(spec: _Spec, params, state, speaker, audio, k, j, t, *, promote: bool, pair: bool):
+  """Frame t at position j of window k: encode it, feed frame j-1's token, sample frame j.
+
+  promote: frame t = kH + O, the first window k samples: the next window, filled frame by
+    frame during the overlap, becomes the current one (and a fresh next window starts).
+  pair: j >= H: frame t is also position i = j - H of window k+1 (its overlap with window
+    k): that window encodes it and is fed the token of its position i - 1, in the same
+    batch-of-two call (the weights are read once), so at its switch it holds exactly what
+    the offline Generator's prefill gives it: the last O frames and their O tokens (after a
+    start token) as a prompt."""
+  gen, task = spec.generator, spec.generator.task
+  cfg = task.model.config
   speaker, audio = _standardized(task, speaker, audio)
-  state = _encode(spec, params, state, speaker[None], audio[None], j)
-  logits, state = _decode(spec, params, state, state["previous"][None], j - 1 + spec.offset)
+  if promote:
+    state = dict(state, window=state["next"], next=_fresh_window(spec))
+  previous = state["previous"]
+  position = j - 1 + spec.offset
+  if pair:
+    i = j - (gen.window - gen.overlap)
+    # Window k+1's decoder: the start token at position 0 (with one), else its position i-1's
+    # token; at i = 0 without a start token there is nothing to feed yet: position 0 gets a
+    # placeholder, overwritten at i = 1 before anything reads it (its logits are dropped).
+    start = jnp.int32(cfg.start_token if spec.offset else 0)
+    next_token = jnp.where(i == 0, start, previous) if spec.offset else previous
+    next_position = jnp.maximum(i - 1 + spec.offset, 0)
+    both = jax.tree.map(lambda a, b: jnp.stack([a, b]), state["window"], state["next"])
+    advance = lambda w, pos, tok, fpos: _advance(spec, params, w, speaker, audio, pos, tok, fpos)
+    logits, both = jax.vmap(advance)(
+        both, jnp.stack([j, i]), jnp.stack([previous, next_token]),
+        jnp.stack([position, next_position]))
+    logits = logits[0]
+    state = dict(state, window=jax.tree.map(lambda x: x[0], both),
+                 next=jax.tree.map(lambda x: x[1], both))
+  else:
+    logits, window = _advance(spec, params, state["window"], speaker, audio, j, previous,
+                              position)
+    state = dict(state, window=window)
   token = _sample(spec, logits, state["rng"], k, j + spec.offset)
-  return _emit(spec, params, state, token, speaker, audio, t)
-
-
-@functools.partial(jax.jit, **_JIT)
-def _switch(spec: _Spec, params, state, speaker, audio, k, j, t):
-  """Frame t = kH + O, the first window k samples: a fresh window prefilled with the last O
-  frames and prompted with their O tokens (as the offline Generator), then frame O sampled."""
-  gen = spec.generator
-  task, cfg, *_ = _parts(spec, params)
-  speaker, audio = _standardized(task, speaker, audio)
-  fresh = dict(state, **_fresh_window(spec))
-  frames_speaker = jnp.concatenate([state["speaker"], speaker[None]])
-  frames_audio = jnp.concatenate([state["audio"], audio[None]])
-  fresh = _encode(spec, params, fresh, frames_speaker, frames_audio, 0)
-  prompt = state["recent"]
-  if spec.offset:
-    prompt = jnp.concatenate([jnp.full((1,), cfg.start_token, jnp.int32), prompt])
-  logits, fresh = _decode(spec, params, fresh, prompt, 0)
-  token = _sample(spec, logits, state["rng"], k, gen.overlap + spec.offset)
-  del j
-  return _emit(spec, params, fresh, token, speaker, audio, t)
+  return _emit(spec, params, state, token, t)
 
 
 # --- the offline twin -----------------------------------------------------------------

@@ -35,14 +35,14 @@ def _normalization():
 
 
 @functools.lru_cache(maxsize=None)
-def _generator(start="ground_truth", causal_context=True):
+def _generator(start="ground_truth", causal_context=True, overlap=OVERLAP):
   config = tiny_dim.finetune_config(WINDOW, start=start, causal_context=causal_context)
   task = tiny_dim.task(config, _normalization())
   abstract = jax.eval_shape(functools.partial(task.init_params, jax.random.PRNGKey(0)),
                             pipeline.dummy_batch(1))
   params = jax.tree.map(jnp.asarray, params_helper.random_params(abstract, 0, bias_scale=0.1))
   return generate.Generator(task=task, params=params, sampling=SAMPLING, window=WINDOW,
-                            overlap=OVERLAP)
+                            overlap=overlap)
 
 
 def _clip(seed=0, frames=FRAMES):
@@ -76,6 +76,21 @@ def test_stream_equals_offline_causal_generation(start, first, history):
   # The VQ decoder is not causal: the Generator's whole-window decodes of the same tokens
   # (which also see later tokens) differ from the stream's history decodes.
   assert np.abs(offline["motion"] - offline["offline_motion"]).max() > 1e-3
+
+
+@pytest.mark.parametrize("start", ["ground_truth", "start_token"])
+def test_stream_equals_offline_with_the_widest_overlap(start):
+  """Overlap = window / 2: the next window starts filling (its first overlap frame) at the
+  very push that promotes the current one."""
+  gen = _generator(start, overlap=WINDOW // 2)
+  speaker, audio, first_frame = _clip(2)
+  first_frame = first_frame if start == "ground_truth" else None
+  listener = streaming.StreamingListener(gen, history=FRAMES)
+  streamed = _stream(listener, speaker, audio, first_frame)
+  offline = streaming.causal_generate(gen, speaker, audio, RNG, first_frame=first_frame,
+                                      history=FRAMES, chunk=48)
+  np.testing.assert_array_equal(np.asarray(listener.state["history"]), offline["tokens"])
+  np.testing.assert_allclose(streamed, offline["motion"], atol=1e-4, rtol=1e-5)
 
 
 def test_history_decoding_matches_a_direct_decode():
@@ -153,7 +168,7 @@ def test_state_stays_bounded_and_compiles_once():
   for s, a in zip(speaker[:WINDOW + 1], audio[:WINDOW + 1]):  # through the first switch
     listener.push(s, a)
   shapes = jax.tree.map(lambda x: (x.shape, x.dtype), listener.state)
-  jitted = (streaming._begin, streaming._step, streaming._switch)  # pylint: disable=protected-access
+  jitted = (streaming._begin, streaming._step)  # pylint: disable=protected-access
   compiled = [fn._cache_size() for fn in jitted]  # pylint: disable=protected-access
   for s, a in zip(speaker[WINDOW + 1:], audio[WINDOW + 1:]):
     out = listener.push(s, a)

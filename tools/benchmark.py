@@ -45,8 +45,9 @@ Cases (official sizes, float32 and bfloat16 compute):
               causal-context DIM-Listener, random weights, batch 1, window `--frames`): for each
               of `--weights` (default float32,bfloat16,int8) and `--history` (VQ-decode
               tokens per frame, default: the window), `--steps` pushes (default here 1000)
-              after 2 windows of warm-up; p50 / p99 / max ms per frame, of all pushes and of
-              the window-switch pushes (prefill) alone, and whether p50 and p99 <= 5 ms.
+              after 2 windows of warm-up; p50 / p99 / max ms per frame, of all pushes, of the
+              window-switch pushes alone and of the pushes that also fill the next window
+              (its overlap), and whether p50 and p99 <= 5 ms.
 Every other measurement runs in its own child process
 (warm-up, then timed steps; median/min/max). With `--peer_python` (a venv holding torch and
 the packages of ../shared/peer/README.md) the PyTorch peer of the official architecture is
@@ -660,7 +661,7 @@ def streaming_child(frames: int, pushes: int, weights: list[str], histories: str
     for history in [int(h) for h in histories.split(",")] if histories else [frames]:
       listener = streaming.StreamingListener(gen, jax.random.PRNGKey(0), history=history)
       listener.reset(first_frame=speaker[0])
-      times, switches = [], []
+      times, switches, fills = [], [], []
       t_compile = time.perf_counter()
       for t in range(warm + pushes):
         t0 = time.perf_counter()
@@ -671,10 +672,12 @@ def streaming_child(frames: int, pushes: int, weights: list[str], histories: str
           k, j = streaming._window_position(t, gen.window, gen.overlap)  # pylint: disable=protected-access
           if k > 0 and j == gen.overlap:
             switches.append(elapsed)
+          if j >= gen.window - gen.overlap:
+            fills.append(elapsed)
         elif t == warm - 1:
           warm_s = time.perf_counter() - t_compile
       ms = np.asarray(times) * 1e3
-      switch_ms = np.asarray(switches) * 1e3
+      switch_ms, fill_ms = np.asarray(switches) * 1e3, np.asarray(fills) * 1e3
       out[f"{w}_history{history}"] = dict(
           weights=w, history=history, window=gen.window, overlap=gen.overlap, pushes=pushes,
           warmup_s_incl_compile=warm_s, p50_ms=float(np.percentile(ms, 50)),
@@ -682,6 +685,7 @@ def streaming_child(frames: int, pushes: int, weights: list[str], histories: str
           mean_ms=float(ms.mean()), switches=len(switches),
           switch_p50_ms=float(np.percentile(switch_ms, 50)) if len(switches) else None,
           switch_p99_ms=float(np.percentile(switch_ms, 99)) if len(switches) else None,
+          fills=len(fills), fill_p50_ms=float(np.percentile(fill_ms, 50)) if len(fills) else None,
           meets_5ms=bool(np.percentile(ms, 50) <= 5 and np.percentile(ms, 99) <= 5),
           decoder_mb=quantize.tree_bytes(gen.params["dim"]["joint_decoder"]) / 1e6)
   return out
