@@ -299,6 +299,7 @@ def dim_model_config(phase: str) -> ml_collections.ConfigDict:
   model.decoder_positions = phase != "finetune_listener"
   model.decoding = "autoregressive"  # official; 'parallel' = the paper's masked decoding.
   model.causal_context = False     # official; True = decoder cross-attention sees frames <= t only.
+  model.context_lag = 0            # ours, with causal_context: frames <= t - lag (a pipelined stream).
   model.token_factors = ()         # official; (P, E) = factorised head over (pose code, expression code).
   model.start = "ground_truth"     # official first input; 'start_token' needs no ground truth.
   model.output = "tokens"          # 'continuous' = Table 3 "no VQ" regression head.

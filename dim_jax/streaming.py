@@ -107,6 +107,11 @@ class StreamingListener:
     self._spec = _Spec(generator, history)
     self._audio_dim = generator.task.model.config.audio_dim
     self._rng = jax.random.PRNGKey(0) if rng is None else rng
+    cfg = generator.task.model.config
+    # With a reaction lag frame t + 1 needs frames <= t only: it is computed while the caller
+    # waits for frame t + 1 (a start token would need its own first step: not pipelined).
+    self.pipelined = cfg.context_lag >= 1 and self._spec.offset == 0
+    self._ahead = None
     self.reset()
 
   @classmethod
@@ -149,6 +154,7 @@ class StreamingListener:
     self._use_first = first_frame is not None
     self._t = 0
     self._state = None
+    self._ahead = None
 
   def push(self, speaker_motion_frame: Any, audio_frame: Any) -> np.ndarray:
     """Frame t's listener motion [56] (raw units) from the speaker's frame t and its audio.
@@ -161,6 +167,8 @@ class StreamingListener:
     audio = _checked("audio_frame", audio_frame, self._audio_dim)
     gen, t = self.generator, self._t
     params = gen.params
+    if self.pipelined:
+      return self._push_ahead(speaker, audio)
     if t == 0:
       state, motion = _begin(self._spec, params, speaker, audio, self._first,
                              jnp.asarray(self._use_first), self._rng)
@@ -172,6 +180,27 @@ class StreamingListener:
                             promote=k > 0 and j == gen.overlap,
                             pair=j >= gen.window - gen.overlap)
     self._state = state
+    self._t = t + 1
+    return np.asarray(motion)
+
+  def _push_ahead(self, speaker: np.ndarray, audio: np.ndarray) -> np.ndarray:
+    """Pipelined push: returns frame t's motion, computed during the previous push (it
+    needs frames < t only), and starts frame t + 1's computation without waiting for it."""
+    gen, t, spec = self.generator, self._t, self._spec
+    params = gen.params
+    if t == 0:
+      state, motion = _begin_ahead(spec, params, self._first, jnp.asarray(self._use_first),
+                                   self._rng)
+    else:
+      state, motion = self._state, self._ahead
+    k, j = _window_position(t, gen.window, gen.overlap)
+    k_next, j_next = _window_position(t + 1, gen.window, gen.overlap)
+    # Dispatched, not awaited (JAX runs it asynchronously): the frame after this one.
+    self._state, self._ahead = _step_ahead(
+        spec, params, state, speaker, audio, jnp.int32(k), jnp.int32(j),
+        jnp.int32(min(t + 1, self.history)), promote=k > 0 and j == gen.overlap,
+        pair=j >= gen.window - gen.overlap,
+        from_next=k_next == k + 1 and j_next == gen.overlap)
     self._t = t + 1
     return np.asarray(motion)
 
@@ -339,6 +368,49 @@ def _step(spec: _Spec, params, state, speaker, audio, k, j, t, *, promote: bool,
     state = dict(state, window=window)
   token = _sample(spec, logits, state["rng"], k, j + spec.offset)
   return _emit(spec, params, state, token, t)
+
+
+# --- pipelined (model.context_lag >= 1) ---------------------------------------------------
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _begin_ahead(spec: _Spec, params, first_frame, use_first_frame, rng):
+  """Pipelined frame 0 (ground-truth start): its token is given; nothing encoded yet."""
+  gen = spec.generator
+  first = generate._first_tokens(gen, params, first_frame[None], use_first_frame,  # pylint: disable=protected-access
+                                 num_samples=1)[0]
+  state = dict(rng=rng, history=jnp.zeros((spec.history,), jnp.int32),
+               previous=jnp.zeros((), jnp.int32), window=_fresh_window(spec),
+               next=_fresh_window(spec))
+  return _emit(spec, params, state, first, 0)
+
+
+@functools.partial(jax.jit, static_argnums=(0,),
+                   static_argnames=("promote", "pair", "from_next"), donate_argnums=(2,))
+def _step_ahead(spec: _Spec, params, state, speaker, audio, k, j, t_next, *, promote: bool,
+                pair: bool, from_next: bool):
+  """Pipelined frame t at position j of window k: encode it and feed its token (sampled one
+  push earlier), then sample and VQ-decode frame t + 1, whose context ends at frame t
+  (context_lag >= 1). As `_step`, one frame later: `promote` and `pair` as there;
+  `from_next`: frame t + 1 is the first frame window k + 1 samples (its position O), so the
+  next window, fed up to position O - 1 by now, samples it."""
+  gen, task = spec.generator, spec.generator.task
+  speaker, audio = _standardized(task, speaker, audio)
+  if promote:
+    state = dict(state, window=state["next"], next=_fresh_window(spec))
+  token = state["previous"]
+  if pair:
+    i = j - (gen.window - gen.overlap)
+    both = jax.tree.map(lambda a, b: jnp.stack([a, b]), state["window"], state["next"])
+    advance = lambda w, pos: _advance(spec, params, w, speaker, audio, pos, token, pos)
+    logits, both = jax.vmap(advance)(both, jnp.stack([j, i]))
+    logits = logits[1] if from_next else logits[0]
+    state = dict(state, window=jax.tree.map(lambda x: x[0], both),
+                 next=jax.tree.map(lambda x: x[1], both))
+  else:
+    logits, window = _advance(spec, params, state["window"], speaker, audio, j, token, j)
+    state = dict(state, window=window)
+  k_next, j_next = (k + 1, jnp.int32(gen.overlap)) if from_next else (k, j + 1)
+  return _emit(spec, params, state, _sample(spec, logits, state["rng"], k_next, j_next), t_next)
 
 
 # --- the offline twin -----------------------------------------------------------------

@@ -472,6 +472,9 @@ def dim_behaviour_differences(phase: str, cfg: dim_lib.DIMConfig) -> list[str]:
     out.append("model.causal_context=True: trained with cross-attention to frames up to the "
                "predicted one; the official decoder's cross-attention sees the whole window "
                "(pass a causal context mask to reproduce ours)")
+  if getattr(cfg, "context_lag", 0):
+    out.append(f"model.context_lag={cfg.context_lag}: the causal context mask ends "
+               f"{cfg.context_lag} frame(s) before the predicted frame")
   if cfg.output != "tokens":
     out.append("model.output='continuous': the no-VQ regression head has no official class")
   if not cfg.two_branch:

@@ -35,8 +35,9 @@ def _normalization():
 
 
 @functools.lru_cache(maxsize=None)
-def _generator(start="ground_truth", causal_context=True, overlap=OVERLAP):
-  config = tiny_dim.finetune_config(WINDOW, start=start, causal_context=causal_context)
+def _generator(start="ground_truth", causal_context=True, overlap=OVERLAP, context_lag=0):
+  config = tiny_dim.finetune_config(WINDOW, start=start, causal_context=causal_context,
+                                    context_lag=context_lag)
   task = tiny_dim.task(config, _normalization())
   abstract = jax.eval_shape(functools.partial(task.init_params, jax.random.PRNGKey(0)),
                             pipeline.dummy_batch(1))
@@ -93,6 +94,39 @@ def test_stream_equals_offline_with_the_widest_overlap(start):
   np.testing.assert_allclose(streamed, offline["motion"], atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("overlap", [OVERLAP, WINDOW // 2])
+def test_pipelined_stream_equals_offline_causal_generation(overlap):
+  """model.context_lag=1: each push returns the frame computed one push earlier and starts
+  the next; the frames are those of the offline causal generation (4 windows)."""
+  gen = _generator(overlap=overlap, context_lag=1)
+  speaker, audio, first = _clip(6)
+  listener = streaming.StreamingListener(gen, history=FRAMES + 1)
+  assert listener.pipelined
+  streamed = _stream(listener, speaker, audio, first)
+  offline = streaming.causal_generate(gen, speaker, audio, RNG, first_frame=first,
+                                      history=FRAMES + 1, chunk=48)
+  # The state is one frame ahead: the 45 frames' tokens and the next one's.
+  np.testing.assert_array_equal(np.asarray(listener.state["history"])[:FRAMES],
+                                offline["tokens"])
+  np.testing.assert_allclose(streamed, offline["motion"], atol=1e-4, rtol=1e-5)
+
+
+def test_pipelined_frame_is_ready_before_its_speaker_frame():
+  """With model.context_lag=1 the frame a push returns does not depend on the frame pushed
+  with it (nor on later ones); the next frame does."""
+  gen = _generator(context_lag=1)
+  speaker, audio, first = _clip(7)
+  listener = streaming.StreamingListener(gen)
+  a = _stream(listener, speaker, audio, first)
+  t = 20  # window 1
+  changed_speaker, changed_audio = speaker.copy(), audio.copy()
+  changed_speaker[t:] += 3.0 * STD
+  changed_audio[t:] += 3.0 * STD
+  b = _stream(listener, changed_speaker, changed_audio, first)
+  np.testing.assert_array_equal(a[:t + 1], b[:t + 1])
+  assert np.abs(a[t + 1:] - b[t + 1:]).max() > 1e-3
+
+
 def test_history_decoding_matches_a_direct_decode():
   """Independent derivation of `decode_histories`: decode each history alone, take its end."""
   gen = _generator()
@@ -107,13 +141,15 @@ def test_history_decoding_matches_a_direct_decode():
     np.testing.assert_allclose(got[t], np.asarray(decode(window)) * STD + MEAN, atol=1e-4)
 
 
-@pytest.mark.parametrize("start", ["ground_truth", "start_token"])
-@pytest.mark.parametrize("causal_context", [True, False])
-def test_future_speaker_frames_reach_the_past_only_without_causal_context(start, causal_context):
-  """Teacher-forced logits of the frames <= t are unchanged by speaker frames > t exactly
-  when model.causal_context (the shift follows model.start: position p predicts frame
-  p + 1 - offset)."""
-  gen = _generator(start, causal_context)
+@pytest.mark.parametrize("start,causal_context,lag", [
+    ("ground_truth", True, 0), ("start_token", True, 0), ("ground_truth", False, 0),
+    ("start_token", False, 0), ("ground_truth", True, 1), ("start_token", True, 2)])
+def test_future_speaker_frames_reach_the_past_only_without_causal_context(start, causal_context,
+                                                                          lag):
+  """Teacher-forced logits of the frames <= t + lag are unchanged by speaker frames > t
+  exactly when model.causal_context (the shift follows model.start: position p predicts
+  frame p + 1 - offset; model.context_lag = lag frames of reaction lag)."""
+  gen = _generator(start, causal_context, context_lag=lag)
   task, params = gen.task, gen.params
   speaker, audio, _ = _clip(2, WINDOW)
   changed_speaker = speaker.copy()
@@ -133,12 +169,12 @@ def test_future_speaker_frames_reach_the_past_only_without_causal_context(start,
                             method=dim_lib.DIM.decode)[0]
 
   before, after = np.asarray(logits(speaker)), np.asarray(logits(changed_speaker))
-  past = slice(0, t + offset)  # positions p predicting frames p + 1 - offset <= t
+  past = t + lag + offset  # positions p predicting frames p + 1 - offset <= t + lag
   if causal_context:
-    np.testing.assert_allclose(after[past], before[past], atol=1e-5)
+    np.testing.assert_allclose(after[:past], before[:past], atol=1e-5)
   else:
-    assert np.abs(after[past] - before[past]).max() > 1e-3
-  assert np.abs(after[t + offset:] - before[t + offset:]).max() > 1e-3  # later frames do move
+    assert np.abs(after[:past] - before[:past]).max() > 1e-3
+  assert np.abs(after[past] - before[past]).max() > 1e-3  # the next frame does move
 
 
 def test_stream_ignores_future_frames():
@@ -217,6 +253,11 @@ def test_causal_context_config_and_official_default():
   assert dim_lib.DIMConfig().context_shift is None
   assert dim_lib.DIMConfig(causal_context=True).context_shift == 1
   assert dim_lib.DIMConfig(causal_context=True, start="start_token").context_shift == 0
+  assert dim_lib.DIMConfig(causal_context=True, context_lag=1).context_shift == 0
+  with pytest.raises(ValueError, match="context_lag=1 needs model.causal_context"):
+    dim_lib.DIMConfig(context_lag=1)
+  with pytest.raises(ValueError, match="context_lag=-1"):
+    dim_lib.DIMConfig(causal_context=True, context_lag=-1)
   with pytest.raises(ValueError, match="causal_context needs autoregressive"):
     dim_lib.DIMConfig(causal_context=True, decoding="parallel")
   # The parameter tree does not change.

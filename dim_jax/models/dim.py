@@ -31,6 +31,10 @@ Switches beyond the official model (each changes the parameter tree as stated):
                         a token (live streaming, `dim_jax/streaming.py`).  Official: the
                         x-transformers cross-attention has no mask, so every SLMFT decoder
                         position sees the whole window's speaker context.
+  context_lag=L         (ours, with causal_context) each position sees the context only up to
+                        L frames before the frame it predicts: a listener reacting L frames
+                        late, so a live stream can compute frame t + 1 before frame t + 1
+                        arrives (`dim_jax/streaming.py`, pipelined).
 """
 
 from __future__ import annotations
@@ -79,6 +83,8 @@ class DIMConfig:
       models: the 768-wide audio otherwise sets the decoder width).
     causal_context: decoder position p sees context frames <= the frame it predicts
       (`context_shift`); False = the whole context (official).
+    context_lag: with causal_context, frames of reaction lag: position p sees context frames
+      <= (the frame it predicts) - context_lag (at least frame 0); 0 = up to its own frame.
     token_factors: () (official) or (P, E): factorised embedding and logits over the two
       codes of a part-encoder tokenizer's token (`TokenDecoder.token_factors`).
     dtype: matmul input dtype (params float32, accumulation float32).
@@ -101,6 +107,7 @@ class DIMConfig:
   num_identities: int = 0
   audio_projection: int = 0
   causal_context: bool = False
+  context_lag: int = 0
   # Ours (() = official): (P, E) = factorised token embedding and logits over the pose and
   # expression codes (t // E, t % E) of part-encoder tokenizers; `TokenDecoder`.
   token_factors: tuple = ()
@@ -121,6 +128,11 @@ class DIMConfig:
       raise ValueError(f"model.token_factors={self.token_factors} with model.num_tokens="
                        f"{self.num_tokens}: expected () or (pose codes, expression codes) whose "
                        "product is num_tokens")
+    if not isinstance(self.context_lag, int) or self.context_lag < 0:
+      raise ValueError(f"model.context_lag={self.context_lag!r}; expected an int >= 0")
+    if self.context_lag and not self.causal_context:
+      raise ValueError(f"model.context_lag={self.context_lag} needs model.causal_context=True "
+                       "(without it the decoder sees the whole window's context)")
     if self.causal_context and parallel:
       raise ValueError("model.causal_context needs autoregressive token decoding: a "
                        "bidirectional decoder would pass later frames' context back through "
@@ -151,11 +163,12 @@ class DIMConfig:
     Position p predicts the token of frame p + 1 without a start token (its input is frame
     p's token; frame 0 is given) and of frame p with one (position 0 is the start token), so
     the shift is 1 or 0: each prediction sees the context up to and including its own frame,
-    exactly what a live listener has received when it must emit that frame.
+    exactly what a live listener has received when it must emit that frame; `context_lag`
+    frames less with a reaction lag (the attention keeps at least frame 0).
     """
     if not self.causal_context:
       return None
-    return 0 if self.start == "start_token" else 1
+    return (0 if self.start == "start_token" else 1) - self.context_lag
 
   @property
   def num_input_tokens(self) -> int:

@@ -153,7 +153,8 @@ class Attention(nn.Module):
         once per sequence instead of once per token).
       kv_only: return those (k, v) for `context` and nothing else.
       context_shift: cross-attention only: query i (absolute position query_start + i) sees
-        context frames j <= query_start + i + context_shift; None = every frame (official).
+        context frames j <= max(query_start + i + context_shift, 0); None = every frame
+        (official).
       query_start: position of x[:, 0] for `context_shift` (the cache index when decoding).
 
     Returns:
@@ -187,7 +188,9 @@ class Attention(nn.Module):
       allowed = allowed & (jnp.arange(nk)[None, :] <= qpos)
     if context_shift is not None:
       qpos = jnp.arange(nq)[:, None] + query_start
-      allowed = allowed & (jnp.arange(nk)[None, :] <= qpos + context_shift)
+      # A negative shift (a reaction lag) still lets the first positions see frame 0: a
+      # query with no key at all would attend to every frame, the future included.
+      allowed = allowed & (jnp.arange(nk)[None, :] <= jnp.maximum(qpos + context_shift, 0))
     sim = jnp.where(allowed, sim, MASK_VALUE)
     attn = jax.nn.softmax(sim, axis=-1)
     out = jnp.einsum("bhij,bhjd->bhid", attn.astype(self.dtype), v.astype(self.dtype),
