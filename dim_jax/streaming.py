@@ -33,6 +33,14 @@ prompt), so the switch costs a push like any other (a prefill of O + 1 frames at
 jitted call: `_begin` at frame 0, `_step` after it (compiled once for each of: promote the
 next window or not, fill it or not).
 
+Pipelined (`model.context_lag >= 1`, ground-truth start). A listener fine-tuned to react at
+least one frame late needs only frames <= t for frame t + 1, so `push(frame t)` returns frame
+t's motion, computed during the previous push, and dispatches frame t + 1's computation
+(`_step_ahead`: encode frame t, feed its token, sample and VQ-decode frame t + 1) without
+waiting for it (JAX dispatches asynchronously): with a live source the caller waits only
+when the computation of a frame takes longer than the time between frames. The frames are
+those of the offline causal generation, as without the lag. `pipelined` says which mode runs.
+
 Motion. The VQ decoder is not causal (bidirectional attention, k=5 convolutions, instance
 norm over the window), so frame t's motion is the last frame of the VQ decode of the tokens
 of frames max(0, t - history + 1)..t (left-aligned, masked while fewer): it uses tokens <= t
@@ -94,6 +102,8 @@ class StreamingListener:
   Attributes:
     generator: the offline generator whose model, weights, sampling and windows are used.
     history: tokens the VQ decoder sees per emitted frame (default: the window).
+    pipelined: each push returns the frame computed during the previous push (a model with
+      `context_lag >= 1` and the ground-truth start; module docstring).
   """
 
   def __init__(self, generator: generate.Generator, rng: Optional[Array] = None, *,
@@ -132,7 +142,8 @@ class StreamingListener:
   @property
   def state(self) -> Optional[dict]:
     """The stream's arrays (None before the first push): shapes never change. Donated to
-    the next push: read it (or copy it) before pushing again."""
+    the next push: read it (or copy it) before pushing again. Pipelined, it is one frame
+    ahead (after push t it holds frame t + 1's token)."""
     return self._state
 
   def reset(self, rng: Optional[Array] = None, first_frame: Optional[Any] = None) -> None:

@@ -47,7 +47,10 @@ Cases (official sizes, float32 and bfloat16 compute):
               tokens per frame, default: the window), `--steps` pushes (default here 1000)
               after 2 windows of warm-up; p50 / p99 / max ms per frame, of all pushes, of the
               window-switch pushes alone and of the pushes that also fill the next window
-              (its overlap), and whether p50 and p99 <= 5 ms.
+              (its overlap), and whether p50 and p99 <= 5 ms. `--fps F` issues each push at
+              its frame's time (a live source at F frames/s; pushes behind their time are
+              counted); `--context_lag 1` times the pipelined stream (a listener one frame
+              late, whose push returns the frame computed between the pushes).
 Every other measurement runs in its own child process
 (warm-up, then timed steps; median/min/max). With `--peer_python` (a venv holding torch and
 the packages of ../shared/peer/README.md) the PyTorch peer of the official architecture is
@@ -157,7 +160,8 @@ def hubert_child() -> dict:
 
 
 def child(case: str, batch: int, frames: int, dtype: str, warmup: int, steps: int,
-          weights: str = "float32", clips: str = "1") -> dict:
+          weights: str = "float32", clips: str = "1", fps: float = 0.0,
+          context_lag: int = 0) -> dict:
   if case == "metrics":
     return metrics_child()
   if case in WEIGHTS_CASES:
@@ -166,7 +170,7 @@ def child(case: str, batch: int, frames: int, dtype: str, warmup: int, steps: in
   if case == "hubert":
     return hubert_child()
   if case == "streaming":
-    return streaming_child(frames, steps, weights.split(","), clips)
+    return streaming_child(frames, steps, weights.split(","), clips, fps, context_lag)
   if case == "generate_iterative":
     return iterative_child(frames, dtype, warmup, steps, [int(k) for k in clips.split(",")])
   import functools  # pylint: disable=g-import-not-at-top
@@ -636,8 +640,11 @@ def peer_throughput(args, python: str, counts: list) -> dict:
           for n in counts}
 
 
-def streaming_child(frames: int, pushes: int, weights: list[str], histories: str) -> dict:
-  """Per-frame `push` latency of an official-size causal-context DIM-Listener."""
+def streaming_child(frames: int, pushes: int, weights: list[str], histories: str,
+                    fps: float = 0.0, context_lag: int = 0) -> dict:
+  """Per-frame `push` latency of an official-size causal-context DIM-Listener: back to back
+  (fps 0), or each push issued at its frame's time at `fps` (a live source), where a
+  pipelined stream (context_lag >= 1) computes the next frame between pushes."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np
   from dim_jax import config_lib, generate, sampler, streaming
@@ -646,6 +653,7 @@ def streaming_child(frames: int, pushes: int, weights: list[str], histories: str
 
   config = config_lib.dim_config("finetune_listener")
   config.model.causal_context = True  # what a live stream needs; the sizes are official
+  config.model.context_lag = context_lag
   vq_cfg = vqvae.vq_config_from(config_lib.vq_model_config())
   task = dim_tasks.DIMTask.from_config(config, speaker_vq=vq_cfg, listener_vq=vq_cfg)
   params = random_params(jax.eval_shape(task.init_params, jax.random.PRNGKey(0),
@@ -661,9 +669,17 @@ def streaming_child(frames: int, pushes: int, weights: list[str], histories: str
     for history in [int(h) for h in histories.split(",")] if histories else [frames]:
       listener = streaming.StreamingListener(gen, jax.random.PRNGKey(0), history=history)
       listener.reset(first_frame=speaker[0])
-      times, switches, fills = [], [], []
+      times, switches, fills, behind = [], [], [], 0
+      paced_start = 0.0  # set after the warm-up
       t_compile = time.perf_counter()
       for t in range(warm + pushes):
+        if fps and t >= warm:  # frame t is due at its time; a late push goes at once
+          due = paced_start + (t - warm) / fps
+          wait = due - time.perf_counter()
+          if wait > 0:
+            time.sleep(wait)
+          else:
+            behind += 1
         t0 = time.perf_counter()
         listener.push(speaker[t], audio[t])  # returns a host array: blocks on the frame
         elapsed = time.perf_counter() - t0
@@ -676,10 +692,13 @@ def streaming_child(frames: int, pushes: int, weights: list[str], histories: str
             fills.append(elapsed)
         elif t == warm - 1:
           warm_s = time.perf_counter() - t_compile
+          paced_start = time.perf_counter() + 0.1
       ms = np.asarray(times) * 1e3
       switch_ms, fill_ms = np.asarray(switches) * 1e3, np.asarray(fills) * 1e3
       out[f"{w}_history{history}"] = dict(
           weights=w, history=history, window=gen.window, overlap=gen.overlap, pushes=pushes,
+          fps=fps, context_lag=context_lag, pipelined=listener.pipelined,
+          pushes_behind_their_frame_time=behind if fps else None,
           warmup_s_incl_compile=warm_s, p50_ms=float(np.percentile(ms, 50)),
           p99_ms=float(np.percentile(ms, 99)), max_ms=float(ms.max()),
           mean_ms=float(ms.mean()), switches=len(switches),
@@ -726,6 +745,12 @@ def main():
   parser.add_argument("--history", default="",
                       help="streaming: VQ-decode tokens per frame, a comma list (default: the "
                       "window)")
+  parser.add_argument("--fps", type=float, default=0.0,
+                      help="streaming: issue each push at its frame time at this rate (a live "
+                      "source); 0 = back to back")
+  parser.add_argument("--context_lag", type=int, default=0,
+                      help="streaming: model.context_lag of the official-size model (>= 1: "
+                      "the pipelined stream)")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
   if args.child and args.batch is None:
@@ -735,7 +760,8 @@ def main():
     return
   if args.child:
     print(json.dumps(child(args.case, args.batch, args.frames, args.dtype, args.warmup,
-                           args.steps, args.weights or "float32", args.clips)))
+                           args.steps, args.weights or "float32", args.clips, args.fps,
+                           args.context_lag)))
     return
   if args.case == "bf16_phases":
     report = bf16_report(args)
@@ -767,8 +793,9 @@ def main():
     weights = args.weights or "float32,bfloat16,int8"
     steps = args.steps if args.steps != 5 else 1000  # 5 is the other cases' default
     results = run_child(["--child", "--case", "streaming", "--frames", str(args.frames),
-                         "--steps", str(steps), "--weights", weights,
-                         "--clips", args.history], sys.executable, os.path.abspath(__file__))
+                         "--steps", str(steps), "--weights", weights, "--clips", args.history,
+                         "--fps", str(args.fps), "--context_lag", str(args.context_lag)],
+                        sys.executable, os.path.abspath(__file__))
     text = json.dumps(dict(case=args.case, machine=dict(cpus=os.cpu_count()),
                            target_ms=5.0, results=results), indent=2)
     print(text)
