@@ -251,3 +251,21 @@ def test_config_differences_read_tuples_as_the_saved_lists():
   changed = dict(saved, model=dict(saved["model"], token_factors=[16, 128]))
   assert checkpointing.config_differences(ours, changed) == [
       "model.token_factors: this run (16, 256), checkpoint [16, 128]"]
+
+
+def test_a_field_newer_than_the_checkpoint_matches_at_its_default():
+  # A checkpoint written before model.context_lag existed has no such key in its meta; a
+  # rerun at the default (what that checkpoint was made with) resumes, another value not.
+  ours = {"model": {"context_lag": 0, "dim": 8}, "phase": "pretrain"}
+  old = {"model": {"dim": 8}, "phase": "pretrain"}
+  defaults = {"model": {"context_lag": 0, "dim": 256}}
+  assert checkpointing.config_differences(ours, old, defaults=defaults) == []
+  lagged = dict(ours, model=dict(ours["model"], context_lag=1))
+  assert checkpointing.config_differences(lagged, old, defaults=defaults) == [
+      "model.context_lag: this run 1, checkpoint 0"]
+  # Without defaults an absent field is a difference, and a present one is never defaulted.
+  assert checkpointing.config_differences(ours, old) == [
+      "model.context_lag: this run 0, checkpoint '<absent>'"]
+  assert checkpointing.config_differences(ours, dict(old, model={"dim": 9}),
+                                          defaults=defaults) == [
+      "model.dim: this run 8, checkpoint 9"]

@@ -209,12 +209,28 @@ def _as_saved(value):
   return value
 
 
-def config_differences(expected: dict, found: dict, prefix: str = "") -> list[str]:
+def config_meta(cfg) -> dict:
+  """A model config dataclass as the checkpoint meta records it (dtype by name)."""
+  d = dataclasses.asdict(cfg)
+  d["dtype"] = jnp.dtype(d["dtype"]).name
+  return d
+
+
+def config_differences(expected: dict, found: dict, prefix: str = "",
+                       defaults: Optional[dict] = None) -> list[str]:
+  """Where this run's meta `expected` and a checkpoint's `found` differ ("key: this run ..,
+  checkpoint .."). `defaults` (shaped like `expected`): a field the checkpoint does not have,
+  because it was written before the field existed, matches this run at its default."""
   out = []
+  defaults = defaults or {}
   for key in sorted(set(expected) | set(found)):
     a, b = expected.get(key, "<absent>"), found.get(key, "<absent>")
+    if key not in found and key in defaults and not isinstance(defaults[key], dict):
+      b = defaults[key]
     if isinstance(a, dict) and isinstance(b, dict):
-      out += config_differences(a, b, f"{prefix}{key}.")
+      nested = defaults.get(key)
+      out += config_differences(a, b, f"{prefix}{key}.",
+                                nested if isinstance(nested, dict) else None)
     elif _as_saved(a) != _as_saved(b):
       out.append(f"{prefix}{key}: this run {a!r}, checkpoint {b!r}")
   return out

@@ -336,14 +336,16 @@ class DIMTask:
                normalization=normalization_lib.from_meta(meta, f"{meta['phase']} checkpoint"))
 
   def model_meta(self) -> dict:
-    def as_dict(cfg):
-      d = dataclasses.asdict(cfg)
-      d["dtype"] = jnp.dtype(d["dtype"]).name
-      return d
-    return dict(phase=self.name, model=as_dict(self.model.config),
-                speaker_vq=as_dict(self.speaker_vq.config),
-                listener_vq=as_dict(self.listener_vq.config),
+    return dict(phase=self.name, model=checkpointing.config_meta(self.model.config),
+                speaker_vq=checkpointing.config_meta(self.speaker_vq.config),
+                listener_vq=checkpointing.config_meta(self.listener_vq.config),
                 normalization=normalization_lib.to_meta(self.normalization))
+
+  def meta_defaults(self) -> dict:
+    """`model_meta`'s config fields at their defaults: a checkpoint written before a field
+    existed was made with its default (checkpointing.config_differences)."""
+    return dict(model=checkpointing.config_meta(dim_lib.DIMConfig()), speaker_vq=checkpointing.config_meta(vqvae.VQConfig()),
+                listener_vq=checkpointing.config_meta(vqvae.VQConfig()))
 
   # -- params --
 

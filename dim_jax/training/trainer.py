@@ -251,7 +251,8 @@ def train_and_evaluate(config, workdir: str, task: Task, *, step_hooks: Sequence
       saved_meta = ckpt.read_meta(step)
       differences = checkpointing.config_differences(
           {k: meta[k] for k in meta if k != "config"},
-          {k: saved_meta.get(k) for k in meta if k != "config"})
+          {k: saved_meta.get(k) for k in meta if k != "config"},
+          defaults=task.meta_defaults() if hasattr(task, "meta_defaults") else None)
       if differences:
         raise checkpointing.CheckpointMismatchError(
             f"{workdir} holds a checkpoint (step {step}) of a different model; use another "

@@ -16,6 +16,7 @@ import numpy as np
 
 from dim_jax.data import normalization as normalization_lib
 from dim_jax.models import vqvae
+from dim_jax.training import checkpointing
 
 POSE = slice(0, 6)
 EXPRESSION = slice(6, 56)
@@ -83,10 +84,13 @@ class VQTask:
     return f"{self.role}_motion"
 
   def model_meta(self) -> dict:
-    cfg = dataclasses.asdict(self.model.config)
-    cfg["dtype"] = jnp.dtype(cfg["dtype"]).name
-    return dict(phase=self.name, role=self.role, model=cfg,
+    return dict(phase=self.name, role=self.role,
+                model=checkpointing.config_meta(self.model.config),
                 normalization=normalization_lib.to_meta(self.normalization))
+
+  def meta_defaults(self) -> dict:
+    """`model_meta`'s config fields at their defaults (checkpointing.config_differences)."""
+    return dict(model=checkpointing.config_meta(vqvae.VQConfig()))
 
   def init_params(self, rng: jax.Array, batch: dict[str, jax.Array]) -> Any:
     params_rng, dropout_rng = jax.random.split(rng)
