@@ -293,6 +293,28 @@ def _advance(spec: _Spec, params, window: dict, speaker: Array, audio: Array, po
   return _decode(spec, params, window, feed_token[None], feed_position)
 
 
+def _advance_windows(spec: _Spec, params, state: dict, speaker: Array, audio: Array, j,
+                     feed, next_feed=None, *, promote: bool) -> tuple[Array, Array, dict]:
+  """One standardised frame into the current window (position j, decoder fed
+  feed = (token, position)) and, with next_feed, into the next window too (position
+  j - H, fed next_feed) in one batch-of-two call: the weights, which dominate a push, are
+  read once. promote first makes the next window (filled during its overlap) the current
+  one and starts a fresh next one. Returns (current logits, next logits or None, state)."""
+  if promote:
+    state = dict(state, window=state["next"], next=_fresh_window(spec))
+  if next_feed is None:
+    logits, window = _advance(spec, params, state["window"], speaker, audio, j, *feed)
+    return logits, None, dict(state, window=window)
+  gen = spec.generator
+  both = jax.tree.map(lambda a, b: jnp.stack([a, b]), state["window"], state["next"])
+  advance = lambda w, pos, tok, fpos: _advance(spec, params, w, speaker, audio, pos, tok, fpos)
+  logits, both = jax.vmap(advance)(
+      both, jnp.stack([j, j - (gen.window - gen.overlap)]), jnp.stack([feed[0], next_feed[0]]),
+      jnp.stack([feed[1], next_feed[1]]))
+  return logits[0], logits[1], dict(state, window=jax.tree.map(lambda x: x[0], both),
+                                    next=jax.tree.map(lambda x: x[1], both))
+
+
 def _sample(spec: _Spec, logits: Array, rng: Array, k, position) -> Array:
   key = jax.random.fold_in(jax.random.fold_in(rng, k), position)
   return sampler.sample_next(key, logits, spec.generator.sampling)[0]
@@ -351,32 +373,20 @@ def _step(spec: _Spec, params, state, speaker, audio, k, j, t, *, promote: bool,
     the offline Generator's prefill gives it: the last O frames and their O tokens (after a
     start token) as a prompt."""
   gen, task = spec.generator, spec.generator.task
-  cfg = task.model.config
   speaker, audio = _standardized(task, speaker, audio)
-  if promote:
-    state = dict(state, window=state["next"], next=_fresh_window(spec))
   previous = state["previous"]
-  position = j - 1 + spec.offset
+  next_feed = None
   if pair:
     i = j - (gen.window - gen.overlap)
     # Window k+1's decoder: the start token at position 0 (with one), else its position i-1's
     # token; at i = 0 without a start token there is nothing to feed yet: position 0 gets a
     # placeholder, overwritten at i = 1 before anything reads it (its logits are dropped).
-    start = jnp.int32(cfg.start_token if spec.offset else 0)
-    next_token = jnp.where(i == 0, start, previous) if spec.offset else previous
-    next_position = jnp.maximum(i - 1 + spec.offset, 0)
-    both = jax.tree.map(lambda a, b: jnp.stack([a, b]), state["window"], state["next"])
-    advance = lambda w, pos, tok, fpos: _advance(spec, params, w, speaker, audio, pos, tok, fpos)
-    logits, both = jax.vmap(advance)(
-        both, jnp.stack([j, i]), jnp.stack([previous, next_token]),
-        jnp.stack([position, next_position]))
-    logits = logits[0]
-    state = dict(state, window=jax.tree.map(lambda x: x[0], both),
-                 next=jax.tree.map(lambda x: x[1], both))
-  else:
-    logits, window = _advance(spec, params, state["window"], speaker, audio, j, previous,
-                              position)
-    state = dict(state, window=window)
+    start = jnp.int32(task.model.config.start_token if spec.offset else 0)
+    next_feed = (jnp.where(i == 0, start, previous) if spec.offset else previous,
+                 jnp.maximum(i - 1 + spec.offset, 0))
+  logits, _, state = _advance_windows(spec, params, state, speaker, audio, j,
+                                      (previous, j - 1 + spec.offset), next_feed,
+                                      promote=promote)
   token = _sample(spec, logits, state["rng"], k, j + spec.offset)
   return _emit(spec, params, state, token, t)
 
@@ -406,20 +416,11 @@ def _step_ahead(spec: _Spec, params, state, speaker, audio, k, j, t_next, *, pro
   next window, fed up to position O - 1 by now, samples it."""
   gen, task = spec.generator, spec.generator.task
   speaker, audio = _standardized(task, speaker, audio)
-  if promote:
-    state = dict(state, window=state["next"], next=_fresh_window(spec))
   token = state["previous"]
-  if pair:
-    i = j - (gen.window - gen.overlap)
-    both = jax.tree.map(lambda a, b: jnp.stack([a, b]), state["window"], state["next"])
-    advance = lambda w, pos: _advance(spec, params, w, speaker, audio, pos, token, pos)
-    logits, both = jax.vmap(advance)(both, jnp.stack([j, i]))
-    logits = logits[1] if from_next else logits[0]
-    state = dict(state, window=jax.tree.map(lambda x: x[0], both),
-                 next=jax.tree.map(lambda x: x[1], both))
-  else:
-    logits, window = _advance(spec, params, state["window"], speaker, audio, j, token, j)
-    state = dict(state, window=window)
+  next_feed = (token, j - (gen.window - gen.overlap)) if pair else None
+  logits, next_logits, state = _advance_windows(spec, params, state, speaker, audio, j,
+                                                (token, j), next_feed, promote=promote)
+  logits = next_logits if from_next else logits
   k_next, j_next = (k + 1, jnp.int32(gen.overlap)) if from_next else (k, j + 1)
   return _emit(spec, params, state, _sample(spec, logits, state["rng"], k_next, j_next), t_next)
 
