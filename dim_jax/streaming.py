@@ -184,12 +184,11 @@ class StreamingListener:
       state, motion = _begin(self._spec, params, speaker, audio, self._first,
                              jnp.asarray(self._use_first), self._rng)
     else:
-      k, j = _window_position(t, gen.window, gen.overlap)
+      k, j, promote, pair = _push_kind(t, gen.window, gen.overlap)
       # The history only needs t up to its length: every argument stays bounded.
       state, motion = _step(self._spec, params, self._state, speaker, audio, jnp.int32(k),
-                            jnp.int32(j), jnp.int32(min(t, self.history)),
-                            promote=k > 0 and j == gen.overlap,
-                            pair=j >= gen.window - gen.overlap)
+                            jnp.int32(j), jnp.int32(min(t, self.history)), promote=promote,
+                            pair=pair)
     self._state = state
     self._t = t + 1
     return np.asarray(motion)
@@ -204,14 +203,14 @@ class StreamingListener:
                                    self._rng)
     else:
       state, motion = self._state, self._ahead
-    k, j = _window_position(t, gen.window, gen.overlap)
-    k_next, j_next = _window_position(t + 1, gen.window, gen.overlap)
+    k, j, promote, pair = _push_kind(t, gen.window, gen.overlap)
+    # Frame t + 1 is the first frame window k + 1 samples (its promoting push): the next
+    # window, filled up to it by now, samples it.
+    from_next = _push_kind(t + 1, gen.window, gen.overlap)[2]
     # Dispatched, not awaited (JAX runs it asynchronously): the frame after this one.
     self._state, self._ahead = _step_ahead(
         spec, params, state, speaker, audio, jnp.int32(k), jnp.int32(j),
-        jnp.int32(min(t + 1, self.history)), promote=k > 0 and j == gen.overlap,
-        pair=j >= gen.window - gen.overlap,
-        from_next=k_next == k + 1 and j_next == gen.overlap)
+        jnp.int32(min(t + 1, self.history)), promote=promote, pair=pair, from_next=from_next)
     self._t = t + 1
     return np.asarray(motion)
 
@@ -224,6 +223,14 @@ def _window_position(t: int, window: int, overlap: int) -> tuple[int, int]:
     return 0, t
   k = (t - overlap) // hop
   return k, t - k * hop
+
+
+def _push_kind(t: int, window: int, overlap: int) -> tuple[int, int, bool, bool]:
+  """(k, j, promote, pair) of the push of frame t: its window and position, whether the
+  next window becomes the current one (t = kH + O, k >= 1) and whether frame t also fills
+  the next window (j >= H, its overlap)."""
+  k, j = _window_position(t, window, overlap)
+  return k, j, k > 0 and j == overlap, j >= window - overlap
 
 
 def _checked(name: str, x: Any, width: int) -> np.ndarray:
@@ -320,6 +327,12 @@ def _sample(spec: _Spec, logits: Array, rng: Array, k, position) -> Array:
   return sampler.sample_next(key, logits, spec.generator.sampling)[0]
 
 
+def _new_state(spec: _Spec, rng: Array, window: dict) -> dict:
+  """A stream's state at frame 0: `window` current, a fresh next one, no tokens yet."""
+  return dict(rng=rng, history=jnp.zeros((spec.history,), jnp.int32),
+              previous=jnp.zeros((), jnp.int32), window=window, next=_fresh_window(spec))
+
+
 def _emit(spec: _Spec, params, state: dict, token: Array, t) -> tuple[dict, Array]:
   """Records frame t's token; VQ-decodes the history ending at t (raw motion).
 
@@ -354,9 +367,7 @@ def _begin(spec: _Spec, params, speaker, audio, first_frame, use_first_frame, rn
     token = jnp.where(use_first_frame, first, _sample(spec, logits, rng, 0, 1))
   else:
     token = first
-  state = dict(rng=rng, history=jnp.zeros((spec.history,), jnp.int32),
-               previous=jnp.zeros((), jnp.int32), window=window, next=_fresh_window(spec))
-  return _emit(spec, params, state, token, 0)
+  return _emit(spec, params, _new_state(spec, rng, window), token, 0)
 
 
 # The state is donated: its caches are updated in place rather than copied every frame.
@@ -399,10 +410,7 @@ def _begin_ahead(spec: _Spec, params, first_frame, use_first_frame, rng):
   gen = spec.generator
   first = generate._first_tokens(gen, params, first_frame[None], use_first_frame,  # pylint: disable=protected-access
                                  num_samples=1)[0]
-  state = dict(rng=rng, history=jnp.zeros((spec.history,), jnp.int32),
-               previous=jnp.zeros((), jnp.int32), window=_fresh_window(spec),
-               next=_fresh_window(spec))
-  return _emit(spec, params, state, first, 0)
+  return _emit(spec, params, _new_state(spec, rng, _fresh_window(spec)), first, 0)
 
 
 @functools.partial(jax.jit, static_argnums=(0,),

@@ -685,10 +685,10 @@ def streaming_child(frames: int, pushes: int, weights: list[str], histories: str
         elapsed = time.perf_counter() - t0
         if t >= warm:
           times.append(elapsed)
-          k, j = streaming._window_position(t, gen.window, gen.overlap)  # pylint: disable=protected-access
-          if k > 0 and j == gen.overlap:
+          _, _, promote, pair = streaming._push_kind(t, gen.window, gen.overlap)  # pylint: disable=protected-access
+          if promote:
             switches.append(elapsed)
-          if j >= gen.window - gen.overlap:
+          if pair:
             fills.append(elapsed)
         elif t == warm - 1:
           warm_s = time.perf_counter() - t_compile

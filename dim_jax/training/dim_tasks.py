@@ -344,8 +344,9 @@ class DIMTask:
   def meta_defaults(self) -> dict:
     """`model_meta`'s config fields at their defaults: a checkpoint written before a field
     existed was made with its default (checkpointing.config_differences)."""
-    return dict(model=checkpointing.config_meta(dim_lib.DIMConfig()), speaker_vq=checkpointing.config_meta(vqvae.VQConfig()),
-                listener_vq=checkpointing.config_meta(vqvae.VQConfig()))
+    vq_defaults = checkpointing.config_meta(vqvae.VQConfig())
+    return dict(model=checkpointing.config_meta(dim_lib.DIMConfig()), speaker_vq=vq_defaults,
+                listener_vq=vq_defaults)
 
   # -- params --
 

@@ -39,6 +39,9 @@ class Task(Protocol):
   def eval_sums(self, params: PyTree, batch: dict) -> dict: ...
   def finalize_eval(self, sums: dict) -> dict: ...
   def model_meta(self) -> dict: ...
+  def meta_defaults(self) -> dict:
+    """`model_meta`'s config fields at their defaults (a checkpoint from before a field
+    existed matches at its default: checkpointing.config_differences)."""
 
   def trainable_mask(self, params: PyTree) -> Optional[PyTree]:
     """Bool tree, False = frozen (no optimizer state, bit-identical); None = all train."""
@@ -252,7 +255,7 @@ def train_and_evaluate(config, workdir: str, task: Task, *, step_hooks: Sequence
       differences = checkpointing.config_differences(
           {k: meta[k] for k in meta if k != "config"},
           {k: saved_meta.get(k) for k in meta if k != "config"},
-          defaults=task.meta_defaults() if hasattr(task, "meta_defaults") else None)
+          defaults=task.meta_defaults())
       if differences:
         raise checkpointing.CheckpointMismatchError(
             f"{workdir} holds a checkpoint (step {step}) of a different model; use another "
